@@ -1,0 +1,1 @@
+"""Turn unlabeled image corpora into WebDataset shards with DALI indexes and a manifest."""

@@ -1,0 +1,1 @@
+"""Launchers for torchrun, SLURM and Kubernetes."""

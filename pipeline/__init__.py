@@ -1,0 +1,1 @@
+"""Distributed contrastive self-supervised pretraining: data, methods, engines, evaluation."""
