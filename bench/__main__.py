@@ -8,7 +8,8 @@ BENCHMARKS = ("prep", "loader", "loss", "step")
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in BENCHMARKS:
-        print(f"usage: python -m bench {{{','.join(BENCHMARKS)}}} [args...]  (each has --help)", file=sys.stderr)
+        names = ",".join(BENCHMARKS)
+        print(f"usage: python -m bench {{{names}}} [args...]  (each has --help)", file=sys.stderr)
         return 2
     module = importlib.import_module(f"bench.{argv[0]}")
     return module.main(argv[1:]) or 0

@@ -1,0 +1,187 @@
+"""Where images come from: a folder (local or any fsspec URL such as `s3://bucket/prefix`), a text file
+listing paths or URLs, or a tar/zip archive. Listing happens once in the parent; workers re-open the
+source from its picklable `SourceSpec` and read only the items of their shard."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from typing import BinaryIO, Literal
+
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+Kind = Literal["files", "tar", "zip"]
+
+
+class SourceError(Exception):
+    """SRC cannot be used at all (missing, unreadable, bad credentials): one line for the user."""
+
+
+@dataclass(frozen=True)
+class Item:
+    ref: str  # files: a local path or URL; archives: the member name
+    path: str  # what the sample's .json records: relative to SRC for folders and archives
+    label: str | None  # class name
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    kind: Kind
+    url: str  # the archive for tar/zip; SRC itself for files
+
+
+@dataclass(frozen=True)
+class Listing:
+    spec: SourceSpec
+    items: list[Item]  # sorted, so the seeded shuffle is reproducible
+    classes: list[str]  # sorted class names; index = label; [] when unlabelled
+
+
+def _hidden(relpath: str) -> bool:
+    return any(part.startswith(".") for part in relpath.split("/"))
+
+
+def _with_labels(rels: list[tuple[str, str]], labels: str) -> tuple[list[Item], list[str]]:
+    """(ref, path relative to the root) pairs -> items. With `auto`, the first folder of the relative
+    path is the class, provided every file sits in one; a flat layout is unlabelled."""
+    labelled = labels == "auto" and bool(rels) and all("/" in rel for _, rel in rels)
+    items = [Item(ref, rel, rel.split("/", 1)[0] if labelled else None) for ref, rel in rels]
+    return items, sorted({i.label for i in items if i.label is not None})
+
+
+def _list_folder(fs: fsspec.AbstractFileSystem, root: str, src: str, labels: str) -> Listing:
+    root = root.rstrip("/")
+    local = isinstance(fs, LocalFileSystem)
+    rels = []
+    for path in sorted(fs.find(root)):
+        rel = path[len(root) + 1 :]
+        if not _hidden(rel):
+            rels.append((path if local else fs.unstrip_protocol(path), rel))
+    items, classes = _with_labels(rels, labels)
+    return Listing(SourceSpec("files", src), items, classes)
+
+
+def _common_dir(names: list[str]) -> str:
+    return posixpath.commonpath([posixpath.dirname(n) for n in names])
+
+
+def _list_archive(kind: Kind, names: list[str], src: str, labels: str) -> Listing:
+    names = sorted(n for n in names if not _hidden(n))
+    if not names:
+        return Listing(SourceSpec(kind, src), [], [])
+    root = _common_dir(names)
+    rels = [(n, n[len(root) + 1 :] if root else n) for n in names]
+    items, classes = _with_labels(rels, labels)
+    return Listing(SourceSpec(kind, src), items, classes)
+
+
+def _list_text(fs: fsspec.AbstractFileSystem, path: str, src: str, labels: str) -> Listing:
+    """One path or URL per line, optionally followed by a TAB and a class name; `#` starts a comment.
+    Relative paths are relative to the list file's folder (local or remote)."""
+    try:
+        text = fs.cat_file(path).decode()
+    except UnicodeDecodeError:
+        raise SourceError(f"source {src} is neither a folder, a tar/zip archive nor a text list") from None
+    local = isinstance(fs, LocalFileSystem)
+    base = os.path.dirname(os.path.abspath(path)) if local else posixpath.dirname(fs.unstrip_protocol(path))
+    entries = []
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        ref, _, label = line.partition("\t")
+        ref = ref.strip()
+        if "://" not in ref and not ref.startswith("/"):
+            ref = os.path.join(base, ref) if local else posixpath.join(base, ref)
+        entries.append((ref, label.strip() or None))
+    labelled = labels == "auto" and bool(entries) and all(label for _, label in entries)
+    items = sorted(
+        (Item(ref, ref, label if labelled else None) for ref, label in entries), key=lambda i: i.ref
+    )
+    return Listing(SourceSpec("files", src), items, sorted({i.label for i in items if i.label}))
+
+
+def list_source(src: str, labels: str = "auto") -> Listing:
+    """List every candidate image in `src` (no image is opened here; bad ones are rejected later)."""
+    try:
+        fs, path = url_to_fs(src)
+        if not fs.exists(path):
+            raise SourceError(f"source not found: {src}")
+        if fs.isdir(path):
+            return _list_folder(fs, path, src, labels)
+        with fs.open(path, "rb") as f:
+            if zipfile.is_zipfile(f):
+                f.seek(0)
+                with zipfile.ZipFile(f) as z:
+                    names = [i.filename for i in z.infolist() if not i.is_dir()]
+                return _list_archive("zip", names, src, labels)
+            f.seek(0)
+            try:
+                with tarfile.open(fileobj=f, mode="r:*") as tar:
+                    return _list_archive("tar", [m.name for m in tar if m.isreg()], src, labels)
+            except tarfile.ReadError:
+                pass
+        return _list_text(fs, path, src, labels)
+    except SourceError:
+        raise
+    except Exception as e:  # credentials, permissions, network: the library's own words, on one line
+        raise SourceError(f"cannot read source {src}: {type(e).__name__}: {e}".splitlines()[0]) from None
+
+
+class Reader:
+    """Reads items' bytes inside a worker; an exception in place of bytes means that item is unreadable.
+    An archive is opened once, on first use, and kept open until `close`."""
+
+    def __init__(self, spec: SourceSpec):
+        self.spec = spec
+        self._file: BinaryIO | None = None
+        self._archive: tarfile.TarFile | zipfile.ZipFile | None = None
+        self._members: dict[str, tarfile.TarInfo] = {}
+
+    def _open_archive(self) -> tarfile.TarFile | zipfile.ZipFile:
+        if self._archive is None:
+            self._file = fsspec.open(self.spec.url, "rb").open()
+            if self.spec.kind == "zip":
+                self._archive = zipfile.ZipFile(self._file)
+            else:
+                self._archive = tarfile.open(fileobj=self._file, mode="r:*")  # noqa: SIM115 (closed in close())
+                self._members = {m.name: m for m in self._archive if m.isreg()}
+        return self._archive
+
+    def close(self) -> None:
+        if self._archive is not None:
+            self._archive.close()
+            self._file.close()
+            self._archive = self._file = None
+
+    def _read_member(self, name: str) -> bytes | Exception:
+        try:
+            archive = self._open_archive()
+            if isinstance(archive, zipfile.ZipFile):
+                return archive.read(name)
+            return archive.extractfile(self._members[name]).read()
+        except Exception as e:
+            return e
+
+    def read_many(self, refs: list[str]) -> list[bytes | Exception]:
+        if self.spec.kind != "files":
+            return [self._read_member(r) for r in refs]
+        remote = [r for r in refs if "://" in r and not r.startswith("file://")]
+        fetched: dict[str, bytes | Exception] = {}
+        if remote:  # one concurrent batch per shard: object stores reward many requests in flight
+            fs, _ = url_to_fs(remote[0])
+            by_path = fs.cat([fs._strip_protocol(r) for r in remote], on_error="return")
+            fetched = {r: by_path[fs._strip_protocol(r)] for r in remote}
+        return [fetched[r] if r in fetched else _read_local(r) for r in refs]
+
+
+def _read_local(path: str) -> bytes | Exception:
+    try:
+        with open(path.removeprefix("file://"), "rb") as f:
+            return f.read()
+    except Exception as e:
+        return e

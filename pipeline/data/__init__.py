@@ -1,0 +1,22 @@
+"""Training and evaluation data: WebDataset shards -> augmented views, on DALI or on CPU workers.
+
+`build_loader(cfg.data, rank=, world_size=, seed=, device=)` -> a loader yielding `Batch(views, labels)`;
+`build_eval_loader(shards, image_size=, batch_size=)` -> (images, labels) for kNN / linear eval.
+Recipes (`simclr`, `mocov2`, `byol`, `multicrop`) live in `recipes.py`, shared by both backends.
+"""
+
+from pipeline.data.config import AugmentConfig, DataConfig
+from pipeline.data.eval import build_eval_loader
+from pipeline.data.loader import Batch, build_loader
+from pipeline.data.recipes import RECIPES, ViewSpec, resolve_views
+
+__all__ = [
+    "RECIPES",
+    "AugmentConfig",
+    "Batch",
+    "DataConfig",
+    "ViewSpec",
+    "build_eval_loader",
+    "build_loader",
+    "resolve_views",
+]

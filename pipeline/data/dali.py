@@ -1,0 +1,251 @@
+"""DALI backend: `fn.readers.webdataset` over the shards + per-view augmentation, on the GPU after a
+`mixed` (nvJPEG) decode, or entirely on the CPU when `device` is the CPU (DALI's `device_id=None` mode).
+
+Probabilities are applied per sample: colour jitter and greyscale by mask arithmetic on the arguments
+of one `color_twist` (factor = 1 + on * (f - 1); greyscale = saturation 0), blur and solarisation by
+DALI conditionals (`if coin_flip:`), so unselected samples cost nothing. The reader loops forever;
+an "epoch" is `len(loader)` batches, equal on every rank (each rank reads its own `shard_id` part of
+the samples). Position: epoch and batches consumed, plus DALI's own checkpoint of the reader and
+random-op state (`enable_checkpointing`), restored when the pipeline is rebuilt.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.data import sampling
+from pipeline.data.config import DataConfig
+from pipeline.data.loader import Batch, Position
+from pipeline.data.recipes import ViewSpec, resolve_views
+from pipeline.data.shards import IMAGE_EXTS, VERIFY_HINT, load_shard_set, stage_indexes
+
+log = logging.getLogger(__name__)
+
+
+def _augment(images, spec: ViewSpec, *, float16: bool, channels_last: bool):
+    """One view of a recipe as DALI ops; `images` are decoded uint8 HWC (CPU or GPU)."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    view = fn.random_resized_crop(
+        images,
+        size=[spec.size, spec.size],
+        random_area=list(spec.scale),
+        random_aspect_ratio=list(spec.ratio),
+        antialias=True,
+    )
+    if spec.jitter_p > 0 or spec.grayscale_p > 0:
+        jitter = fn.random.coin_flip(probability=spec.jitter_p)  # int32 0/1
+        keep_colour = 1.0 - fn.random.coin_flip(probability=spec.grayscale_p)
+
+        def factor(strength: float):  # torchvision's range: U[max(0, 1 - s), 1 + s], applied when `jitter`
+            return 1.0 + jitter * (fn.random.uniform(range=[max(0.0, 1 - strength), 1 + strength]) - 1.0)
+
+        view = fn.color_twist(
+            view,
+            brightness=factor(spec.brightness),
+            contrast=factor(spec.contrast),
+            saturation=factor(spec.saturation) * keep_colour,
+            hue=jitter * fn.random.uniform(range=[-spec.hue * 360.0, spec.hue * 360.0]),  # degrees
+        )
+    # Static `if` outside, DALI conditional inside: `and` would mix a Python bool into the DALI graph.
+    if spec.blur_p > 0:  # noqa: SIM102
+        if fn.random.coin_flip(probability=spec.blur_p, dtype=types.BOOL):
+            view = fn.gaussian_blur(
+                view, window_size=spec.blur_kernel, sigma=fn.random.uniform(range=list(spec.blur_sigma))
+            )
+    if spec.solarize_p > 0:  # noqa: SIM102
+        if fn.random.coin_flip(probability=spec.solarize_p, dtype=types.BOOL):
+            above = view >= round(spec.solarize_threshold * 255)  # invert pixels at or above the threshold
+            view = fn.cast(view + above * (255 - 2 * view), dtype=types.UINT8)
+    return fn.crop_mirror_normalize(
+        view,
+        mirror=fn.random.coin_flip(probability=spec.flip_p),
+        mean=[m * 255 for m in spec.mean],
+        std=[s * 255 for s in spec.std],
+        dtype=types.FLOAT16 if float16 else types.FLOAT,
+        output_layout="HWC" if channels_last else "CHW",
+    )
+
+
+def build_pipeline(
+    cfg: DataConfig,
+    *,
+    paths: list[str],
+    index_paths: list[str],
+    labelled: bool,
+    shard_id: int,
+    num_shards: int,
+    seed: int,
+    device_id: int | None,
+    checkpoint: bytes | None = None,
+):
+    """The DALI pipeline; outputs: one batch per view, then the raw `.cls` bytes when `labelled`."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    views = resolve_views(cfg)
+
+    @pipeline_def(enable_conditionals=True)
+    def graph():
+        exts = [";".join(IMAGE_EXTS)] + (["cls"] if labelled else [])
+        outputs = fn.readers.webdataset(
+            paths=paths,
+            index_paths=index_paths,
+            ext=exts,
+            missing_component_behavior="error",
+            random_shuffle=True,
+            initial_fill=cfg.shuffle_buffer,
+            shuffle_after_epoch=True,
+            shuffle_after_epoch_seed=seed,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            name="reader",
+        )
+        encoded = outputs[0] if labelled else outputs
+        images = fn.decoders.image(
+            encoded, device="cpu" if device_id is None else "mixed", output_type=types.RGB
+        )
+        out = [
+            _augment(images, v, float16=cfg.dtype == "float16", channels_last=cfg.channels_last)
+            for v in views
+        ]
+        return (*out, outputs[1]) if labelled else tuple(out)
+
+    return graph(
+        batch_size=cfg.batch_size,
+        num_threads=max(1, cfg.num_workers),
+        device_id=device_id,
+        seed=int(np.random.SeedSequence([seed, shard_id]).generate_state(1)[0] >> 1),
+        prefetch_queue_depth=cfg.prefetch,
+        enable_checkpointing=True,
+        checkpoint=checkpoint,
+    )
+
+
+class DaliLoader:
+    """Training loader on a DALI pipeline (built lazily on first iteration, so state can be loaded)."""
+
+    def __init__(
+        self, cfg: DataConfig, *, split: str, rank: int, world_size: int, seed: int, device: torch.device
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("data.backend dali on a CUDA device, but CUDA is not available")
+        self.cfg, self.rank, self.world_size, self.seed, self.device = cfg, rank, world_size, seed, device
+        self.shards = load_shard_set(cfg.train_shards, split)
+        self.views = resolve_views(cfg)
+        self.position = Position(
+            sampling.batches_per_epoch(self.shards.num_samples, cfg.batch_size, world_size)
+        )
+        self._index_paths = stage_indexes(self.shards, cfg.index_cache_dir)
+        self._checkpoint: bytes | None = None
+        self._pipe = None
+
+    def __len__(self) -> int:
+        return self.position.batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.position.set_epoch(epoch)
+
+    def _pipeline(self):
+        if self._pipe is None:
+            device_id = None
+            if self.device.type == "cuda":
+                device_id = (
+                    self.device.index if self.device.index is not None else torch.cuda.current_device()
+                )
+            self._pipe = build_pipeline(
+                self.cfg,
+                paths=[u.removeprefix("file://") for u in self.shards.shard_urls],
+                index_paths=self._index_paths,
+                labelled=self.shards.labelled,
+                shard_id=self.rank,
+                num_shards=self.world_size,
+                seed=self.seed,
+                device_id=device_id,
+                checkpoint=self._checkpoint,
+            )
+            self._pipe.build()
+        return self._pipe
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.position.start_iter()
+        pipe = self._pipeline()
+        while self.position.batches_consumed < self.position.batches_per_epoch:
+            try:
+                outputs = pipe.run()
+            except RuntimeError as e:
+                if "decoders" not in str(e) and "readers" not in str(e):
+                    raise  # not about the data
+                raise RuntimeError(
+                    f"DALI failed reading {self.shards.root} (rank {self.rank}): {e}\n"
+                    f"{self._first_damaged()}; " + VERIFY_HINT.format(root=self.shards.root)
+                ) from e
+            views = [self._to_torch(outputs[v]) for v in range(len(self.views))]
+            labels = None
+            if self.shards.labelled:
+                raw = outputs[len(self.views)]
+                labels = torch.tensor(
+                    [int(bytes(raw.at(i)).decode()) for i in range(len(raw))], dtype=torch.int64
+                )
+                labels = labels.to(self.device, non_blocking=True)
+            self.position.consumed_one()
+            yield Batch(views, labels)
+
+    def _to_torch(self, tensor_list) -> torch.Tensor:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        dense = tensor_list.as_tensor()
+        dtype = torch.float16 if self.cfg.dtype == "float16" else torch.float32
+        out = torch.empty(dense.shape(), dtype=dtype, device=self.device)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        feed_ndarray(dense, out, cuda_stream=stream)
+        return out.permute(0, 3, 1, 2) if self.cfg.channels_last else out  # NHWC storage = channels_last
+
+    def _first_damaged(self) -> str:
+        """Find the sample DALI choked on by decoding this rank's part of the split on the CPU."""
+        from pipeline.data.cpu import decode
+        from pipeline.data.shards import SampleReader
+
+        reader = SampleReader(self.shards)
+        n = self.shards.num_samples
+        lo, hi = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+        for sample_id in range(lo, hi):
+            try:
+                decode(reader.image_bytes(sample_id))
+                if self.shards.labelled:
+                    reader.label(sample_id)
+            except (RuntimeError, OSError, ValueError) as e:
+                return f"first damaged sample: {self.shards.locate(sample_id)} ({e})"
+        return "no damaged sample found by a CPU decode of this rank's samples"
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.position.state_dict(self.cfg.batch_size, self.world_size)
+        checkpoint = self._pipe.checkpoint() if self._pipe is not None else self._checkpoint
+        return {**state, "backend": "dali", "rank": self.rank, "dali_checkpoint": checkpoint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Position always; DALI's reader/RNG state only from this rank's own state at the same layout
+        (another rank's checkpoint describes another reader shard)."""
+        self.position.load_state_dict(state, self.cfg.batch_size, self.world_size)
+        same = (
+            state.get("backend"),
+            state.get("rank"),
+            state.get("batch_size"),
+            state.get("world_size"),
+        ) == ("dali", self.rank, self.cfg.batch_size, self.world_size)
+        if not same and state.get("dali_checkpoint") is not None:
+            log.info(
+                "rank %d: position restored, DALI reader state not (saved by another rank or layout)",
+                self.rank,
+            )
+        self._checkpoint = state.get("dali_checkpoint") if same else None
+        self._pipe = None  # rebuilt (from the checkpoint, if any) on the next iteration

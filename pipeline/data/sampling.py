@@ -1,0 +1,51 @@
+"""Which samples each rank gets, in which order, each epoch — a pure function of (seed, epoch).
+
+Order: shards in a seeded random order, then samples shuffled within windows of `window` consecutive
+samples (a full permutation when `window` >= N). Windows keep reads local to a few shards at a time
+(object storage) while mixing samples across shard boundaries.
+
+Split: the epoch order is cut into global batches of `batch_size * world_size`; rank r takes slice
+[r * batch_size, (r + 1) * batch_size) of each. Every rank gets exactly `N // (batch_size * world_size)`
+batches (the remainder, a different set each epoch, is dropped), so no rank waits at the epoch end, and
+a position counted in global batches means the same samples at any world size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.config import ConfigError
+
+
+def epoch_order(shard_sizes: tuple[int, ...], *, seed: int, epoch: int, window: int) -> np.ndarray:
+    """(N,) int64 sample ids in this epoch's order."""
+    rng = np.random.default_rng([seed, epoch])
+    starts = np.concatenate([[0], np.cumsum(shard_sizes)[:-1]])
+    ids = np.concatenate(
+        [np.arange(starts[s], starts[s] + shard_sizes[s]) for s in rng.permutation(len(shard_sizes))]
+    )
+    for lo in range(0, len(ids), window):
+        ids[lo : lo + window] = rng.permutation(ids[lo : lo + window])
+    return ids.astype(np.int64)
+
+
+def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
+    n = num_samples // (batch_size * world_size)
+    if n < 1:
+        raise ConfigError(
+            f"data.batch_size {batch_size} x world size {world_size} exceeds the {num_samples} samples"
+        )
+    return n
+
+
+def rank_batch(order: np.ndarray, batch: int, *, rank: int, batch_size: int, world_size: int) -> np.ndarray:
+    """(batch_size,) sample ids of this rank's `batch`-th batch of the epoch."""
+    start = batch * batch_size * world_size + rank * batch_size
+    return order[start : start + batch_size]
+
+
+def sample_seed(seed: int, epoch: int, sample_id: int) -> int:
+    """Augmentation seed of one sample in one epoch: independent of rank, worker and world size."""
+    return int(
+        np.random.SeedSequence([seed, epoch, sample_id]).generate_state(2, np.uint32).view(np.uint64)[0]
+    )

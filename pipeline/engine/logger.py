@@ -1,0 +1,121 @@
+"""What the user sees of a run: metrics.jsonl, W&B and a console progress bar, all on rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def new_run_id() -> str:
+    """W&B-compatible run id; kept in checkpoints so a resumed run continues the same W&B run."""
+    return uuid.uuid4().hex[:12]
+
+
+def wandb_mode(configured: str) -> str:
+    """`online` without any API key configured would prompt or fail: fall back to offline."""
+    if configured != "online":
+        return configured
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return "online"
+    try:
+        from wandb.sdk.lib.wbauth.wbnetrc import read_netrc_auth
+
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+        return "online" if read_netrc_auth(host=host) else "offline"
+    except Exception:  # a broken netrc must not stop training: log locally
+        return "offline"
+
+
+class RunLogger:
+    """Rank 0 writes rows to metrics.jsonl and W&B and drives the progress bar; other ranks do nothing."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        *,
+        enabled: bool,
+        run_id: str,
+        start_step: int,
+        total_steps: int,
+        config_dict: dict[str, Any],
+    ) -> None:
+        self.enabled = enabled
+        self.wandb_run = None
+        self.bar = None
+        if not enabled:
+            return
+        out = Path(cfg.run.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = out / METRICS_FILE
+        _drop_rows_after(self.metrics_path, start_step)  # rows a killed run logged past its checkpoint
+        self.metrics = self.metrics_path.open("a")
+        wb = cfg.logging.wandb
+        mode = wandb_mode(wb.mode)
+        if mode != "disabled":
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=wb.project,
+                entity=wb.entity,
+                name=wb.name or cfg.run.name,
+                tags=list(wb.tags),
+                group=wb.group,
+                mode=mode,
+                id=run_id,
+                resume="allow",
+                dir=str(out),
+                config=config_dict,
+                settings=wandb.Settings(console="off", silent=True),
+            )
+        if cfg.logging.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, unit="step", file=sys.stderr, dynamic_ncols=True
+            )
+
+    def log(self, row: dict[str, Any]) -> None:
+        """One row; `row["step"]` is the optimizer step it belongs to."""
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        if self.enabled and self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({key: wandb.Image(str(path))}, step=step)
+
+    def progress(self, step: int, **postfix: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    kept = [
+        line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step
+    ]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

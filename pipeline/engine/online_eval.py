@@ -1,0 +1,67 @@
+"""Epoch-end monitors on rank 0: kNN top-1 on held-out labelled shards, embedding std, embedding map.
+
+The kNN bank is the training split seen through the eval transform (no augmentation), capped at
+`BANK_SAMPLES` so the monitor stays cheap at ImageNet scale; the queries are `data.val_shards`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BANK_SAMPLES = 50_000
+
+
+def embedding_std(features: torch.Tensor) -> float:
+    """Mean per-dimension std of L2-normalised embeddings: ~1/sqrt(D) when healthy, -> 0 on collapse."""
+    return float(F.normalize(features, dim=1).std(dim=0).mean())
+
+
+def evaluate(cfg: Any, method: nn.Module, device: torch.device, out_dir: Path, epoch: int) -> dict[str, Any]:
+    from data_prep.manifest import read_manifest
+    from pipeline.data import build_eval_loader
+    from pipeline.eval.embed import embedding_map
+    from pipeline.eval.features import extract_features
+    from pipeline.eval.knn import knn_accuracy
+
+    def loader(shards: str, split: str | None) -> Any:
+        return build_eval_loader(
+            shards, image_size=cfg.data.image_size, batch_size=cfg.data.batch_size, split=split, device=device
+        )
+
+    # Shards made with --val-fraction hold both splits in one folder: query the held-out one.
+    query_split = "val" if "val" in read_manifest(cfg.data.val_shards)["splits"] else None
+    query = loader(cfg.data.val_shards, query_split)
+    bank = loader(cfg.data.train_shards, "train")
+    bank_batches = itertools.islice(bank, -(-BANK_SAMPLES // cfg.data.batch_size))
+    bank_x, bank_y = extract_features(method, bank_batches, device)  # eval mode inside, restored after
+    query_x, query_y = extract_features(method, query, device)
+    num_classes = max(len(query.classes), int(bank_y.max()) + 1, int(query_y.max()) + 1)
+    acc = knn_accuracy(
+        bank_x,
+        bank_y,
+        query_x,
+        query_y,
+        num_classes=num_classes,
+        k=cfg.eval.k,
+        temperature=cfg.eval.temperature,
+    )
+    result: dict[str, Any] = {"knn_top1": float(acc["top1"]), "embed_std": embedding_std(query_x)}
+    if cfg.eval.embed_map:
+        png = out_dir / "embedding_maps" / f"epoch-{epoch:04d}.png"
+        png.parent.mkdir(parents=True, exist_ok=True)
+        embedding_map(
+            query_x,
+            query_y,
+            png,
+            method="pca",
+            class_names=list(query.classes) or None,
+            title=f"epoch {epoch}",
+        )
+        result["embedding_map"] = str(png)
+    return result

@@ -1,0 +1,1 @@
+"""Feature-quality protocols: weighted kNN, linear probe, fine-tuning, embedding maps, reports."""

@@ -1,0 +1,51 @@
+"""Barlow Twins (Zbontar et al., 2021): drive the cross-correlation of the two views' projections to
+the identity. The correlation is over the global batch: embeddings are gathered with gradients, every
+rank computes the same loss, and DDP's gradient averaging gives the single-process gradient."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.config import ConfigError
+from pipeline.distributed import gather_with_grad
+from pipeline.losses import barlow_twins
+from pipeline.methods.views import global_views
+from pipeline.models import ModelConfig, build_backbone, build_mlp
+
+
+@dataclass(frozen=True)
+class BarlowTwinsConfig:
+    name: str = "barlow_twins"
+    lambd: float = 0.0051
+    gather: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lambd < 0:
+            raise ConfigError(f"method.lambd must be >= 0, got {self.lambd}")
+
+
+class BarlowTwins(nn.Module):
+    def __init__(self, model: ModelConfig, cfg: BarlowTwinsConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone, feature_dim = build_backbone(model)
+        self.projector = build_mlp(feature_dim, model.projector)
+
+    def forward(
+        self, views: list[torch.Tensor], labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        v1, v2 = global_views(views, "barlow_twins")
+        z1 = self.projector(self.backbone(v1))  # (B, D)
+        z2 = self.projector(self.backbone(v2))
+        if self.cfg.gather:
+            z1, z2 = gather_with_grad(z1), gather_with_grad(z2)  # (W B, D)
+        return barlow_twins(z1, z2, self.cfg.lambd), {}
+
+    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+        return {}
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)

@@ -1,0 +1,102 @@
+"""MoCo v2 (He et al., 2020; Chen et al., 2020): a query encoder trained against keys from a momentum
+encoder and a queue of K past keys.
+
+The queue is filled from the GLOBAL batch (keys all-gathered in rank order), so it is identical on every
+rank. The key encoder's BN sees a batch shuffled across ranks (`shuffle_bn`) so its statistics cannot
+reveal which key belongs to which query; alternatively run with `train.sync_bn`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import ConfigError
+from pipeline.distributed import all_gather_no_grad, shuffle_batch, unshuffle_batch
+from pipeline.losses import moco_info_nce
+from pipeline.methods.momentum import MomentumEncoder, momentum_at
+from pipeline.methods.views import global_views
+from pipeline.models import ModelConfig, build_backbone, build_mlp
+
+
+@dataclass(frozen=True)
+class MoCoV2Config:
+    """momentum_end: None keeps `momentum` constant (the paper); a value follows a cosine to it.
+    symmetric: also contrast view 2's query with view 1's key (a common CIFAR improvement)."""
+
+    name: str = "mocov2"
+    temperature: float = 0.2
+    queue_size: int = 65536
+    momentum: float = 0.999
+    momentum_end: float | None = None
+    shuffle_bn: bool = True
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"method.temperature must be > 0, got {self.temperature}")
+        if self.queue_size <= 0:
+            raise ConfigError(f"method.queue_size must be > 0, got {self.queue_size}")
+        for key in ("momentum", "momentum_end"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"method.{key} must be in [0, 1], got {value}")
+
+
+class MoCoV2(nn.Module):
+    def __init__(self, model: ModelConfig, cfg: MoCoV2Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone, feature_dim = build_backbone(model)
+        self.projector = build_mlp(feature_dim, model.projector)
+        self.momentum_encoder = MomentumEncoder(self.backbone, self.projector)
+        dim = model.projector.output_dim
+        self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, dim), dim=1))  # (K, D)
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def _keys(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) normalised keys of the momentum encoder, in this rank's sample order."""
+        if not self.cfg.shuffle_bn:
+            return F.normalize(self.momentum_encoder(images), dim=1)
+        shuffled, unshuffle = shuffle_batch(images)
+        return F.normalize(unshuffle_batch(self.momentum_encoder(shuffled), unshuffle), dim=1)
+
+    @torch.no_grad()
+    def _enqueue(self, keys: torch.Tensor) -> None:
+        """Write the global batch's keys (W B, D) over the oldest queue rows (a ring; no host sync)."""
+        keys = all_gather_no_grad(keys)[-self.cfg.queue_size :]
+        rows = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % self.cfg.queue_size
+        self.queue[rows] = keys.to(self.queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % self.cfg.queue_size)
+
+    def forward(
+        self, views: list[torch.Tensor], labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        v1, v2 = global_views(views, "mocov2")
+        t = self.cfg.temperature
+        queue = self.queue.clone()  # the loss must see the queue before this batch's keys join it
+        q1 = self.projector(self.backbone(v1))  # (B, D)
+        with torch.no_grad():
+            k2 = self._keys(v2)  # (B, D)
+        loss = moco_info_nce(q1, k2, queue, t)
+        keys = [k2]
+        if self.cfg.symmetric:
+            q2 = self.projector(self.backbone(v2))
+            with torch.no_grad():
+                k1 = self._keys(v1)
+            loss = (loss + moco_info_nce(q2, k1, queue, t)) / 2
+            keys.append(k1)
+        for k in keys:
+            self._enqueue(k)
+        return loss, {}
+
+    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+        m = momentum_at(step, total_steps, self.cfg.momentum, self.cfg.momentum_end)
+        self.momentum_encoder.update([self.backbone, self.projector], m)
+        return {"ema_momentum": m}
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)

@@ -1,0 +1,63 @@
+"""MoCo v3 (Chen, Xie & He, 2021): symmetric InfoNCE between the online branch's predictions and the
+momentum encoder's keys of the other view, in-batch keys over the global batch (no queue), momentum
+on a cosine schedule towards 1. Works with ResNets and ViTs (use a projector with last_batch_norm)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.config import ConfigError
+from pipeline.losses import moco_info_nce
+from pipeline.methods.momentum import MomentumEncoder, momentum_at
+from pipeline.methods.views import global_views
+from pipeline.models import ModelConfig, build_backbone, build_mlp
+
+
+@dataclass(frozen=True)
+class MoCoV3Config:
+    name: str = "mocov3"
+    temperature: float = 0.2
+    momentum: float = 0.99
+    momentum_end: float | None = 1.0
+    gather: bool = True
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"method.temperature must be > 0, got {self.temperature}")
+        for key in ("momentum", "momentum_end"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"method.{key} must be in [0, 1], got {value}")
+
+
+class MoCoV3(nn.Module):
+    def __init__(self, model: ModelConfig, cfg: MoCoV3Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone, feature_dim = build_backbone(model)
+        self.projector = build_mlp(feature_dim, model.projector)
+        self.predictor = build_mlp(model.projector.output_dim, model.default_predictor())
+        self.momentum_encoder = MomentumEncoder(self.backbone, self.projector)
+
+    def forward(
+        self, views: list[torch.Tensor], labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        v1, v2 = global_views(views, "mocov3")
+        q1 = self.predictor(self.projector(self.backbone(v1)))  # (B, D)
+        q2 = self.predictor(self.projector(self.backbone(v2)))
+        with torch.no_grad():
+            k1, k2 = self.momentum_encoder(v1), self.momentum_encoder(v2)
+        t, gather = self.cfg.temperature, self.cfg.gather
+        loss = moco_info_nce(q1, k2, None, t, gather=gather) + moco_info_nce(q2, k1, None, t, gather=gather)
+        return loss * 2 * t, {}  # the paper's 2t scaling keeps gradients comparable across temperatures
+
+    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+        m = momentum_at(step, total_steps, self.cfg.momentum, self.cfg.momentum_end)
+        self.momentum_encoder.update([self.backbone, self.projector], m)
+        return {"ema_momentum": m}
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)

@@ -1,0 +1,48 @@
+"""The momentum (EMA) encoder shared by MoCo v2/v3 and BYOL, and its cosine momentum schedule.
+
+Composition, not inheritance: a method owns one `MomentumEncoder` next to its online modules and calls
+`update` from `on_step_end`, after the optimizer step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+
+def momentum_at(step: int, total_steps: int, base: float, end: float | None) -> float:
+    """BYOL's schedule: a half cosine from `base` at step 0 to `end` at the end (None: constant)."""
+    if end is None:
+        return base
+    progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    return end - (end - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+class MomentumEncoder(nn.Module):
+    """A frozen copy of `online` modules applied in sequence; follows them by EMA of the parameters.
+
+    Buffers (BN running statistics) are its own, computed on the keys it sees.
+    """
+
+    def __init__(self, *online: nn.Module) -> None:
+        super().__init__()
+        self.net = nn.Sequential(*(copy.deepcopy(m) for m in online))
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    @torch.no_grad()
+    def update(self, online: list[nn.Module], momentum: float) -> None:
+        """target = momentum * target + (1 - momentum) * online, parameter by parameter."""
+        online_params = [p for m in online for p in m.parameters()]
+        target_params = list(self.net.parameters())
+        if len(online_params) != len(target_params):
+            raise ValueError(f"{len(online_params)} online parameters for {len(target_params)} momentum ones")
+        for t, o in zip(target_params, online_params, strict=True):
+            t.lerp_(o.detach(), 1.0 - momentum)

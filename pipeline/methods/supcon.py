@@ -1,0 +1,49 @@
+"""Supervised contrastive learning (Khosla et al., 2020): SimCLR's encoder, but every view of the same
+class is a positive (labels from the shards' `.cls`), `pipeline.losses.supcon` in its "out" form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.config import ConfigError
+from pipeline.losses import supcon
+from pipeline.methods.views import global_views
+from pipeline.models import ModelConfig, build_backbone, build_mlp
+
+
+@dataclass(frozen=True)
+class SupConConfig:
+    name: str = "supcon"
+    temperature: float = 0.1
+    gather: bool = True
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"method.temperature must be > 0, got {self.temperature}")
+
+
+class SupCon(nn.Module):
+    def __init__(self, model: ModelConfig, cfg: SupConConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone, feature_dim = build_backbone(model)
+        self.projector = build_mlp(feature_dim, model.projector)
+
+    def forward(
+        self, views: list[torch.Tensor], labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        if labels is None:
+            raise ValueError("supcon needs labels: shard the data with --labels auto")
+        v1, v2 = global_views(views, "supcon")
+        z = self.projector(self.backbone(torch.cat([v1, v2])))  # (2B, D)
+        z = torch.stack(z.chunk(2), dim=1)  # (B, 2, D): both views of each sample
+        return supcon(z, labels, self.cfg.temperature, gather=self.cfg.gather), {}
+
+    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+        return {}
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)

@@ -1,0 +1,61 @@
+"""VICReg (Bardes et al., 2022): invariance + variance + covariance terms on the two views'
+projections. Variance and covariance are over the global batch (gathered with gradients, as the
+paper's FullGatherLayer); every rank computes the same loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.config import ConfigError
+from pipeline.distributed import gather_with_grad
+from pipeline.losses import vicreg
+from pipeline.methods.views import global_views
+from pipeline.models import ModelConfig, build_backbone, build_mlp
+
+
+@dataclass(frozen=True)
+class VICRegConfig:
+    name: str = "vicreg"
+    sim_weight: float = 25.0
+    var_weight: float = 25.0
+    cov_weight: float = 1.0
+    gather: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("sim_weight", "var_weight", "cov_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"method.{key} must be >= 0, got {getattr(self, key)}")
+
+
+class VICReg(nn.Module):
+    def __init__(self, model: ModelConfig, cfg: VICRegConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone, feature_dim = build_backbone(model)
+        self.projector = build_mlp(feature_dim, model.projector)
+
+    def forward(
+        self, views: list[torch.Tensor], labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        v1, v2 = global_views(views, "vicreg")
+        z1 = self.projector(self.backbone(v1))  # (B, D)
+        z2 = self.projector(self.backbone(v2))
+        if self.cfg.gather:
+            z1, z2 = gather_with_grad(z1), gather_with_grad(z2)  # (W B, D)
+        loss = vicreg(
+            z1,
+            z2,
+            sim_weight=self.cfg.sim_weight,
+            var_weight=self.cfg.var_weight,
+            cov_weight=self.cfg.cov_weight,
+        )
+        return loss, {}
+
+    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+        return {}
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)

@@ -1,0 +1,66 @@
+"""LARS (You et al., 2017, "Large Batch Training of Convolutional Networks"), in the form of SimCLR,
+BYOL and MoCo v3: for a weight w with gradient g
+
+    d  = g + weight_decay * w
+    d *= trust_coefficient * ||w|| / ||d||     (1 when either norm is 0)
+    mu = momentum * mu + d;   w -= lr * mu
+
+Parameters with ndim <= 1 (biases, BN/LN scales and shifts) skip both weight decay and the trust ratio:
+plain SGD with momentum. The ratio is chosen with `torch.where`, so a step never syncs with the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+
+class LARS(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+    ) -> None:
+        if lr < 0 or momentum < 0 or weight_decay < 0 or trust_coefficient <= 0:
+            raise ValueError(
+                f"LARS needs lr, momentum, weight_decay >= 0 and trust_coefficient > 0, got {lr}, "
+                f"{momentum}, {weight_decay}, {trust_coefficient}"
+            )
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:  # a shape check, not a tensor value: no host sync
+                    d = d.add(p, alpha=group["weight_decay"])
+                    w_norm = torch.linalg.vector_norm(p)
+                    d_norm = torch.linalg.vector_norm(d)
+                    ratio = torch.where(
+                        (w_norm > 0) & (d_norm > 0),
+                        group["trust_coefficient"] * w_norm / d_norm,
+                        torch.ones_like(w_norm),
+                    )
+                    d = d.mul(ratio)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                mu = state["momentum_buffer"]
+                mu.mul_(group["momentum"]).add_(d)
+                p.add_(mu, alpha=-group["lr"])
+        return loss

@@ -1,0 +1,59 @@
+"""`python -m pipeline.train --config FILE [dotted.key=value ...]` — pretrain one model.
+
+The same command runs under `torchrun` (it reads RANK/WORLD_SIZE/LOCAL_RANK; world size 1 without them).
+The config is validated before anything starts: a mistake is one line naming the key, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import ConfigError, load
+
+EXAMPLES = """examples:
+  python -m pipeline.train --config configs/debug.yaml data.train_shards=/data/shards run.output_dir=runs/dbg
+  torchrun --standalone --nproc_per_node 8 -m pipeline.train --config configs/imagenet_simclr.yaml \\
+      data.train_shards=s3://bucket/imagenet checkpoint.dir=s3://bucket/runs/simclr/checkpoints
+  python -m pipeline.train --config configs/imagenet_mocov2.yaml train.engine=deepspeed \\
+      train.deepspeed_config=configs/deepspeed/zero1.json optim.name=sgd
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.train",
+        description="Contrastive self-supervised pretraining from WebDataset shards.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="YAML file (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, YAML values")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    import torch.distributed as dist
+
+    from pipeline.engine.health import TrainingDiverged
+    from pipeline.engine.trainer import train
+
+    try:
+        train(cfg)
+    except ConfigError as e:  # found while building (e.g. no manifest.json at data.train_shards)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""CPU backend on the real sample shards: views, labels, rank split, exact resume, damaged samples."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+from pipeline.data import AugmentConfig, DataConfig, build_eval_loader, build_loader
+from pipeline.data.shards import load_shard_set
+
+# Every random op off and a full-image crop: a view is the decoded image, normalised (32 px in, 32 px out).
+IDENTITY = AugmentConfig(
+    crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0),
+    flip_p=0.0,
+    jitter_p=0.0,
+    grayscale_p=0.0,
+    blur_p=(0.0,),
+    solarize_p=(0.0,),
+)
+
+
+def _cfg(shards, **kw) -> DataConfig:
+    return DataConfig(
+        train_shards=str(shards), **{"image_size": 32, "num_workers": 0, "batch_size": 50, **kw}
+    )
+
+
+def _digest(image: torch.Tensor) -> str:
+    return hashlib.sha1(image.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _truth(shards) -> dict[str, int]:
+    """Image digest -> label for every sample, from the eval loader (stored order, no augmentation)."""
+    out = {}
+    for images, labels in build_eval_loader(str(shards), image_size=32, batch_size=500):
+        out.update({_digest(x): int(y) for x, y in zip(images, labels, strict=True)})
+    return out
+
+
+def test_multicrop_views_shapes_dtypes_and_ranges(sample_shards):
+    cfg = _cfg(
+        sample_shards,
+        recipe="multicrop",
+        local_crops=2,
+        local_image_size=16,
+        dtype="float16",
+        channels_last=True,
+    )
+    loader = build_loader(cfg)
+    batch = next(iter(loader))
+    assert [tuple(v.shape) for v in batch.views] == [(50, 3, 32, 32)] * 2 + [(50, 3, 16, 16)] * 2
+    assert all(
+        v.dtype == torch.float16 and v.is_contiguous(memory_format=torch.channels_last) for v in batch.views
+    )
+    for v in batch.views:  # ImageNet-normalised pixels of [0, 1]
+        assert v.min() >= -2.2 and v.max() <= 2.7 and v.float().std() > 0.3
+    assert batch.labels.dtype == torch.int64 and batch.labels.shape == (50,)
+    assert all(
+        not torch.equal(a, b) for a, b in zip(batch.views[0], batch.views[1], strict=True)
+    )  # views differ
+    assert len(loader) == 2000 // 50
+
+
+def test_two_ranks_cover_an_epoch_disjointly_with_labels(sample_val_shards):
+    truth = _truth(sample_val_shards)
+    seen = []
+    for rank in range(2):
+        loader = build_loader(
+            _cfg(sample_val_shards, augment=IDENTITY, batch_size=50), rank=rank, world_size=2
+        )
+        assert len(loader) == 5
+        rank_seen = []
+        for batch in loader:
+            for image, label in zip(batch.views[0], batch.labels, strict=True):
+                key = _digest(image)
+                assert truth[key] == int(label)  # the image's own label came with it
+                rank_seen.append(key)
+        seen.append(rank_seen)
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(truth)  # 2 x 5 x 50 = all 500 samples, once each
+
+
+def test_uneven_shards_give_every_rank_the_same_number_of_batches(sample_val_shards):
+    # 2 shards of 250 over 3 ranks: sample-level split, 500 // (3 * 32) = 5 batches on every rank
+    counts = [
+        sum(
+            1
+            for _ in build_loader(
+                _cfg(sample_val_shards, batch_size=32, augment=IDENTITY), rank=r, world_size=3
+            )
+        )
+        for r in range(3)
+    ]
+    assert counts == [5, 5, 5]
+
+
+def _run(loader, epochs, stop_after=None):
+    out = []
+    for epoch in epochs:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            out.append(batch)
+            if stop_after is not None and len(out) == stop_after:
+                return out
+    return out
+
+
+def test_restored_loader_yields_bit_identical_batches(sample_val_shards):
+    cfg = _cfg(sample_val_shards, recipe="byol")  # 500 samples: 10 batches per epoch
+    reference = _run(build_loader(cfg, seed=7), range(2), stop_after=13)
+
+    interrupted = build_loader(cfg, seed=7)
+    _run(interrupted, range(2), stop_after=7)
+    state = json.loads(json.dumps(interrupted.state_dict()))  # what a checkpoint keeps
+    assert (state["epoch"], state["batches_consumed"], state["samples_consumed"]) == (0, 7, 350)
+
+    resumed = build_loader(_cfg(sample_val_shards, recipe="byol", num_workers=1), seed=7)
+    resumed.load_state_dict(state)
+    got = _run(resumed, range(state["epoch"], 2), stop_after=6)  # worker count must not matter
+    for ref, new in zip(reference[7:], got, strict=True):
+        assert torch.equal(ref.labels, new.labels)
+        assert all(torch.equal(a, b) for a, b in zip(ref.views, new.views, strict=True))
+    assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["batches_consumed"] == 3
+    assert not torch.equal(reference[0].views[0], reference[10].views[0])  # epochs differ
+
+
+def test_damaged_sample_is_skipped_and_counted(sample_shards, tmp_path, caplog):
+    manifest = json.loads((sample_shards / "manifest.json").read_text())
+    first = manifest["splits"]["train"]["shards"][0]
+    manifest["splits"] = {"train": {"shards": [first], "samples": first["samples"]}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    for name in (first["name"], first["index"]):
+        shutil.copy(sample_shards / name, tmp_path / name)
+    offset, size = load_shard_set(str(tmp_path)).image[7]
+    with open(tmp_path / first["name"], "r+b") as f:  # garbage over the JPEG header and data of sample 7
+        f.seek(int(offset))
+        f.write(b"\x00" * int(size))
+
+    loader = build_loader(_cfg(tmp_path, augment=IDENTITY))
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.cpu"):
+        batches = list(loader)
+    assert len(batches) == 5 and all(b.views[0].shape[0] == 50 for b in batches)
+    assert loader.state_dict()["replaced_samples"] == 1
+    assert f"{first['name']}:" in caplog.text and "data_prep verify" in caplog.text
+
+
+def test_eval_loader_reads_every_sample_once_in_order(sample_val_shards):
+    shards = load_shard_set(str(sample_val_shards))
+    loader = build_eval_loader(str(sample_val_shards), image_size=32, batch_size=64)
+    labels = torch.cat([y for x, y in loader])
+    assert len(loader) == 8 and labels.tolist() == [int(c) for c in _stored_labels(shards)]
+    halves = [
+        build_eval_loader(str(sample_val_shards), image_size=32, batch_size=64, rank=r, world_size=2)
+        for r in range(2)
+    ]
+    assert [sum(x.shape[0] for x, _ in h) for h in halves] == [250, 250]
+    images, _ = next(
+        iter(build_eval_loader(str(sample_val_shards), image_size=24, batch_size=4, resize_size=28))
+    )
+    assert images.shape == (4, 3, 24, 24) and images.dtype == torch.float32
+
+
+def _stored_labels(shards):
+    from pipeline.data.shards import SampleReader
+
+    reader = SampleReader(shards)
+    return [reader.label(i) for i in range(shards.num_samples)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batches_arrive_on_the_gpu(sample_shards):
+    batch = next(iter(build_loader(_cfg(sample_shards, num_workers=1), device="cuda")))
+    assert all(v.is_cuda for v in batch.views) and batch.labels.is_cuda
+
+
+def test_shards_stream_from_s3(sample_val_shards, s3_server):
+    bucket = s3_server.make_bucket("c-loader")
+    s3_server.filesystem().put(str(sample_val_shards), f"{bucket}/val", recursive=True)
+    url = f"{bucket}/val"
+    loader = build_loader(_cfg(url, augment=IDENTITY, batch_size=100, num_workers=1))  # reads in a worker
+    labels = torch.cat([b.labels for b in loader])
+    assert len(labels) == 500 and sorted(labels.tolist()) == sorted(_stored_labels(load_shard_set(url)))
+    images, _ = next(iter(build_eval_loader(url, image_size=32, batch_size=10)))
+    local, _ = next(iter(build_eval_loader(str(sample_val_shards), image_size=32, batch_size=10)))
+    assert torch.equal(images, local)

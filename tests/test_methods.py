@@ -1,0 +1,216 @@
+"""Every method's training interface on tiny inputs, the momentum encoder and MoCo queue, and the
+distributed paths (2 gloo processes) against one process."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline.config import ConfigError
+from pipeline.distributed import all_gather_no_grad, all_reduce_mean, init_from_env
+from pipeline.methods import METHOD_CONFIGS, METHODS, build_method
+from pipeline.methods.mocov2 import MoCoV2, MoCoV2Config
+from pipeline.methods.momentum import momentum_at
+from pipeline.methods.simclr import SimCLR, SimCLRConfig
+from pipeline.models import HeadConfig, ModelConfig, build_backbone
+
+TINY = ModelConfig(backbone="tiny", projector=HeadConfig(hidden_dim=32, output_dim=16))
+MOMENTUM_METHODS = {"mocov2", "mocov3", "byol"}
+
+
+def _views(b: int = 8, size: int = 32, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, 3, size, size, generator=g) for _ in range(2)]
+
+
+def _method_config(name: str):
+    return METHOD_CONFIGS[name](queue_size=32) if name == "mocov2" else METHOD_CONFIGS[name]()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_trains_through_the_common_interface(name: str) -> None:
+    torch.manual_seed(0)
+    method = build_method(SimpleNamespace(model=TINY, method=_method_config(name)))
+    loss, logs = method(_views(), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    assert loss.dim() == 0 and torch.isfinite(loss) and isinstance(logs, dict)
+    loss.backward()
+    assert method.backbone.conv1.weight.grad.abs().sum() > 0, "the loss reaches the backbone"
+    frozen = [p for n, p in method.named_parameters() if n.startswith("momentum_encoder.")]
+    assert all(not p.requires_grad and p.grad is None for p in frozen)
+    assert bool(frozen) == (name in MOMENTUM_METHODS)
+
+    with torch.no_grad():
+        for p in method.backbone.parameters():
+            p.add_(1.0)  # as if the optimizer moved the online weights
+    before = [p.clone() for p in frozen]
+    out = method.on_step_end(0, 10)
+    if name in MOMENTUM_METHODS:
+        m = out["ema_momentum"]
+        assert 0.9 < m < 1.0
+        moved = [p for p, b in zip(frozen, before, strict=True) if not torch.equal(p, b)]
+        assert moved and all(
+            (p - b).abs().max() <= (1 - m) * 1.0 + 1e-6 for p, b in zip(frozen, before, strict=True)
+        )
+    else:
+        assert out == {}
+
+    assert method.embed(_views()[0]).shape == (8, 128)
+    backbone, _ = build_backbone(TINY)
+    state = {k[len("backbone.") :]: v for k, v in method.state_dict().items() if k.startswith("backbone.")}
+    backbone.load_state_dict(state)  # strict: the online backbone is exactly build_backbone's module
+
+
+def test_mocov3_trains_a_vit() -> None:
+    torch.manual_seed(0)
+    vit = ModelConfig(
+        backbone="vit_tiny",
+        image_size=16,
+        patch_size=8,
+        projector=HeadConfig(hidden_dim=32, output_dim=16, last_batch_norm=True),
+    )
+    method = METHODS["mocov3"](vit, METHOD_CONFIGS["mocov3"]())
+    loss, _ = method(_views(size=16), None)
+    loss.backward()
+    assert torch.isfinite(loss) and method.backbone.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert method.on_step_end(5, 10)["ema_momentum"] == pytest.approx(0.995)
+    assert method.embed(_views(size=16)[0]).shape == (8, 192)
+
+
+def test_supcon_needs_labels_and_two_view_methods_need_two_views() -> None:
+    supcon = METHODS["supcon"](TINY, METHOD_CONFIGS["supcon"]())
+    with pytest.raises(ValueError, match="labels"):
+        supcon(_views(), None)
+    simclr = SimCLR(TINY, SimCLRConfig())
+    with pytest.raises(ValueError, match="two global views"):
+        simclr(_views()[:1], None)
+
+
+def test_momentum_encoder_starts_as_a_copy_and_state_dict_captures_it() -> None:
+    method = METHODS["byol"](TINY, METHOD_CONFIGS["byol"]())
+    online = dict(method.backbone.named_parameters())
+    for name, p in method.momentum_encoder.net[0].named_parameters():
+        torch.testing.assert_close(p, online[name])
+    assert any(k.startswith("momentum_encoder.") for k in method.state_dict())
+    moco = MoCoV2(TINY, MoCoV2Config(queue_size=8))
+    assert {"queue", "queue_ptr"} <= set(moco.state_dict())
+
+
+def test_cosine_momentum_schedule() -> None:
+    assert momentum_at(0, 100, 0.99, 1.0) == pytest.approx(0.99)
+    assert momentum_at(50, 100, 0.99, 1.0) == pytest.approx(0.995)
+    assert momentum_at(100, 100, 0.99, 1.0) == pytest.approx(1.0)
+    assert momentum_at(70, 100, 0.999, None) == 0.999
+
+
+def test_moco_queue_is_a_ring_of_the_latest_keys() -> None:
+    torch.manual_seed(0)
+    moco = MoCoV2(TINY, MoCoV2Config(queue_size=12, shuffle_bn=False))
+    for step in range(3):  # 3 x 8 keys through a queue of 12: wraps around
+        views = _views(seed=step)
+        moco(views, None)
+        keys = F.normalize(moco.momentum_encoder(views[1]), dim=1)  # train-mode BN: same keys again
+        rows = [(8 * step + i) % 12 for i in range(8)]
+        torch.testing.assert_close(moco.queue[rows], keys)
+    assert int(moco.queue_ptr) == 24 % 12
+
+
+def test_method_config_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"method\.temperature"):
+        SimCLRConfig(temperature=0.0)
+    with pytest.raises(ConfigError, match=r"method\.queue_size"):
+        MoCoV2Config(queue_size=0)
+    with pytest.raises(ConfigError, match=r"method\.momentum_end"):
+        METHOD_CONFIGS["byol"](momentum_end=1.5)
+    assert all(cls().name == name for name, cls in METHOD_CONFIGS.items())
+
+
+# ----------------------------------------------------------------------------------- two gloo processes
+
+WORLD, LOCAL_B = 2, 4
+# LayerNorm only (no BN anywhere): a rank's forward does not depend on the rest of the batch, so DDP's
+# gradients must equal one process's over the global batch exactly (SyncBN has no CPU kernel).
+VIT = ModelConfig(
+    backbone="vit_tiny",
+    image_size=16,
+    patch_size=8,
+    projector=HeadConfig(hidden_dim=32, output_dim=16, num_layers=2, batch_norm=False),
+    predictor=HeadConfig(hidden_dim=32, output_dim=16, num_layers=2, batch_norm=False),
+)
+
+
+def _check_ddp_step(r: int, name: str) -> None:
+    views = _views(WORLD * LOCAL_B, size=16, seed=1)  # the global batch
+    labels = torch.arange(WORLD * LOCAL_B) % 3
+    cfg = METHOD_CONFIGS[name]()
+    local_cfg = dataclasses.replace(cfg, gather=False) if hasattr(cfg, "gather") else cfg
+    torch.manual_seed(0)
+    reference = METHODS[name](VIT, local_cfg)
+    ref_loss, _ = reference(views, labels)  # one process's loss over the whole global batch
+    ref_loss.backward()
+
+    torch.manual_seed(0)
+    method = METHODS[name](VIT, cfg)
+    ddp = DistributedDataParallel(method)
+    part = slice(r * LOCAL_B, (r + 1) * LOCAL_B)
+    loss, _ = ddp([v[part] for v in views], labels[part])
+    loss.backward()
+    # Gathered losses report the global value on every rank; BYOL's is local, its mean global.
+    torch.testing.assert_close(all_reduce_mean(loss), ref_loss.detach(), atol=1e-5, rtol=1e-5, msg=name)
+    ref_grads = dict(reference.named_parameters())
+    for param_name, p in method.named_parameters():
+        if p.requires_grad:
+            expected = ref_grads[param_name].grad
+            torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-4, msg=f"{name} {param_name}")
+
+
+def _check_moco_queue(r: int) -> None:
+    torch.manual_seed(r)  # different initial queues: only enqueued keys can make them agree
+    for shuffle_bn in (False, True):
+        moco = MoCoV2(TINY, MoCoV2Config(queue_size=WORLD * LOCAL_B * 2, shuffle_bn=shuffle_bn))
+        for step in range(2):
+            views = _views(LOCAL_B, seed=10 * step + r)
+            loss, _ = moco(views, None)
+            loss.backward()
+        queues = all_gather_no_grad(moco.queue[None])  # (W, K, D)
+        for other in queues[1:]:
+            torch.testing.assert_close(other, queues[0], atol=0, rtol=0)
+        if not shuffle_bn:  # this rank's latest keys sit at its slot of the global batch
+            keys = F.normalize(moco.momentum_encoder(views[1]), dim=1)
+            start = WORLD * LOCAL_B + r * LOCAL_B
+            torch.testing.assert_close(moco.queue[start : start + LOCAL_B], keys)
+        assert int(moco.queue_ptr) == 0
+
+
+def _worker(r: int, port: int) -> None:
+    os.environ.update(
+        {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1"}
+    )
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    init_from_env(timeout_s=60)
+    try:
+        for name in ("simclr", "mocov3", "byol", "barlow_twins", "vicreg", "supcon"):
+            _check_ddp_step(r, name)
+        _check_moco_queue(r)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_method_steps_and_moco_queue_match_one_process() -> None:
+    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)

@@ -1,0 +1,101 @@
+"""A short SimCLR run on the embedded CIFAR-10 sample must beat its own random initialisation on kNN.
+
+The sample is decoded once with ImageFolder + transforms.v2 (another module builds the real loader);
+the two views are drawn with batched tensor augmentation (crops through roi_align, flips, colour jitter,
+grayscale) so the test fits in well under a minute on a 2-core CPU. The tiny ResNet without the CIFAR
+stem takes 32 px input to 8x8 maps at layer1: 2-8 s per epoch here, depending on the machine's load.
+Measured while writing (4 epochs, seeds 0/1/2): kNN top-1 0.196/0.168/0.178 at init -> 0.266/0.234/0.228.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torchvision.ops import roi_align
+from torchvision.transforms import v2
+
+from pipeline.eval.knn import knn_accuracy
+from pipeline.methods.simclr import SimCLR, SimCLRConfig
+from pipeline.models import HeadConfig, ModelConfig
+from pipeline.optim import OptimConfig, build_optimizer, build_schedule
+
+EPOCHS, BATCH = 4, 128
+
+
+def _load(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, 32, 32) normalised float images, (N,) labels."""
+    transform = v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([0.491, 0.482, 0.447], [0.247, 0.243, 0.261]),
+        ]
+    )
+    ds = torchvision.datasets.ImageFolder(str(folder), transform=transform)
+    return torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor(ds.targets)
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """SimCLR's view recipe, batched: random resized crop (scale 0.2-1, ratio 3/4-4/3), flip, jitter."""
+    n, _, h, w = x.shape
+    area = torch.empty(n).uniform_(0.2, 1.0, generator=g) * h * w
+    log_ratio = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)
+    cw = (area * log_ratio.exp()).sqrt().clamp(4, w)
+    ch = (area / log_ratio.exp()).sqrt().clamp(4, h)
+    x0, y0 = torch.rand(n, generator=g) * (w - cw), torch.rand(n, generator=g) * (h - ch)
+    boxes = torch.stack([torch.arange(n, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], dim=1)
+    out = roi_align(x, boxes, (h, w), aligned=True)  # (N, 3, H, W)
+    out = torch.where(torch.rand(n, 1, 1, 1, generator=g) < 0.5, out.flip(3), out)
+    jitter = (torch.rand(n, 1, 1, 1, generator=g) < 0.8).float()
+
+    def factor() -> torch.Tensor:
+        return 1 + jitter * torch.empty(n, 1, 1, 1).uniform_(-0.4, 0.4, generator=g)
+
+    out = out * factor()  # brightness
+    mean = out.mean((1, 2, 3), keepdim=True)
+    out = (out - mean) * factor() + mean  # contrast
+    gray = out.mean(1, keepdim=True)
+    out = gray + (out - gray) * factor()  # saturation
+    to_gray = torch.rand(n, 1, 1, 1, generator=g) < 0.2
+    return torch.where(to_gray, out.mean(1, keepdim=True).expand_as(out), out)
+
+
+@pytest.mark.slow
+def test_short_simclr_run_improves_knn_over_random_init(sample_dir: Path) -> None:
+    x_train, y_train = _load(sample_dir / "train")
+    x_val, y_val = _load(sample_dir / "val")
+    torch.manual_seed(0)
+    model = ModelConfig(backbone="tiny", projector=HeadConfig(hidden_dim=128, output_dim=64))
+    method = SimCLR(model, SimCLRConfig(temperature=0.2))
+
+    @torch.no_grad()
+    def knn_top1() -> float:
+        method.eval()
+        bank, queries = method.embed(x_train), method.embed(x_val)
+        method.train()
+        return knn_accuracy(bank, y_train, queries, y_val, num_classes=10, k=20)["top1"]
+
+    before = knn_top1()
+    optim = OptimConfig(name="sgd", lr=0.5, reference_batch_size=256, weight_decay=5e-4)
+    optimizer = build_optimizer(optim, method, BATCH)
+    steps_per_epoch = len(x_train) // BATCH
+    schedule = build_schedule(optim, EPOCHS * steps_per_epoch, steps_per_epoch, BATCH)
+    g = torch.Generator().manual_seed(0)
+    step = 0
+    for _ in range(EPOCHS):
+        order = torch.randperm(len(x_train), generator=g)
+        for i in range(steps_per_epoch):
+            x = x_train[order[i * BATCH : (i + 1) * BATCH]]
+            schedule.apply(optimizer, step)
+            loss, _ = method([_augment(x, g), _augment(x, g)], None)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            method.on_step_end(step, EPOCHS * steps_per_epoch)
+            step += 1
+    after = knn_top1()
+    assert after >= before + 0.03, f"kNN top-1 {before:.3f} at init, {after:.3f} after {EPOCHS} epochs"
