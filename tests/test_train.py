@@ -153,7 +153,7 @@ def test_ddp_simclr_two_ranks_epochs_checkpoint_resume_wandb(
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000003", "step-00000004"]
     state = torch.load(ckpts / "step-00000004" / "state.pt", weights_only=False)
     assert state["step"] == 4 and state["epoch"] == 1 and len(state["rng"]) == 2
-    assert state["loader"]["epoch"] == 1 and state["loader"]["batches_consumed"] == 1
+    assert [(s["epoch"], s["batches_consumed"]) for s in state["loader"]] == [(1, 1), (1, 1)]
     first_id = state["wandb_run_id"]
 
     _run(common, nproc=2)  # resumes from step 4, finishes epoch 1

@@ -303,7 +303,7 @@ def train(cfg: Config) -> TrainResult:
         state = read_object(f"{resume_dir}/{STATE_FILE}")
         engine.load(resume_dir, state)
         progress = Progress(**state["progress"])
-        loader_state = state["loader"]
+        loader_state = state["loader"][rank % len(state["loader"])]  # DALI reader state is per rank
         set_rng_state(state["rng"][rank % len(state["rng"])])
         if progress.batches_in_epoch >= steps_per_epoch * accum:  # saved at an epoch end
             progress.epoch, progress.batches_in_epoch, loader_state = progress.epoch + 1, 0, None
@@ -325,13 +325,14 @@ def train(cfg: Config) -> TrainResult:
     def save_checkpoint() -> str:
         progress.bad_steps = guard.total_bad
         rngs = _all_gather_objects(rng_state(), world_size)
+        loaders = _all_gather_objects(loader.state_dict(), world_size)
         state = None
         if is_main:
             state = {
                 "progress": vars(progress).copy(),
                 "step": progress.step,
                 "epoch": progress.epoch,
-                "loader": loader.state_dict(),
+                "loader": loaders,
                 "rng": rngs,
                 "config": to_dict(cfg),
                 "wandb_run_id": progress.wandb_run_id,
