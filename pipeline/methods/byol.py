@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError
 from pipeline.losses import byol
-from pipeline.methods.momentum import MomentumEncoder, momentum_at
+from pipeline.methods.momentum import MomentumEncoder, check_momentum, momentum_at
 from pipeline.methods.views import global_views
 from pipeline.models import ModelConfig, build_backbone, build_mlp
 
@@ -23,10 +22,7 @@ class BYOLConfig:
     momentum_end: float | None = 1.0
 
     def __post_init__(self) -> None:
-        for key in ("momentum", "momentum_end"):
-            value = getattr(self, key)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ConfigError(f"method.{key} must be in [0, 1], got {value}")
+        check_momentum(self.momentum, self.momentum_end)
 
 
 class BYOL(nn.Module):

@@ -17,7 +17,7 @@ from torch import nn
 from pipeline.config import ConfigError
 from pipeline.distributed import all_gather_no_grad, shuffle_batch, unshuffle_batch
 from pipeline.losses import moco_info_nce
-from pipeline.methods.momentum import MomentumEncoder, momentum_at
+from pipeline.methods.momentum import MomentumEncoder, check_momentum, momentum_at
 from pipeline.methods.views import global_views
 from pipeline.models import ModelConfig, build_backbone, build_mlp
 
@@ -40,10 +40,7 @@ class MoCoV2Config:
             raise ConfigError(f"method.temperature must be > 0, got {self.temperature}")
         if self.queue_size <= 0:
             raise ConfigError(f"method.queue_size must be > 0, got {self.queue_size}")
-        for key in ("momentum", "momentum_end"):
-            value = getattr(self, key)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ConfigError(f"method.{key} must be in [0, 1], got {value}")
+        check_momentum(self.momentum, self.momentum_end)
 
 
 class MoCoV2(nn.Module):

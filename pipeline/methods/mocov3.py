@@ -11,7 +11,7 @@ from torch import nn
 
 from pipeline.config import ConfigError
 from pipeline.losses import moco_info_nce
-from pipeline.methods.momentum import MomentumEncoder, momentum_at
+from pipeline.methods.momentum import MomentumEncoder, check_momentum, momentum_at
 from pipeline.methods.views import global_views
 from pipeline.models import ModelConfig, build_backbone, build_mlp
 
@@ -27,10 +27,7 @@ class MoCoV3Config:
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ConfigError(f"method.temperature must be > 0, got {self.temperature}")
-        for key in ("momentum", "momentum_end"):
-            value = getattr(self, key)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ConfigError(f"method.{key} must be in [0, 1], got {value}")
+        check_momentum(self.momentum, self.momentum_end)
 
 
 class MoCoV3(nn.Module):
