@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load(args.config, overrides)
 
     from pipeline.data import build_loader
-    from pipeline.distributed import init_from_env
+    from pipeline.distributed import init_from_env, leave_process_group
     from pipeline.engine.trainer import build_engine, build_precision, seed_everything
     from pipeline.methods import build_method
     from pipeline.optim import build_schedule
@@ -128,4 +128,5 @@ def main(argv: list[str] | None = None) -> int:
     }
     if env.rank == 0:
         print(json.dumps(row), flush=True)
+    leave_process_group(completed=True)
     return 0

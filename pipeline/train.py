@@ -36,13 +36,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
-    import torch.distributed as dist
-
+    from pipeline.distributed import leave_process_group
     from pipeline.engine.health import TrainingDiverged
     from pipeline.engine.trainer import train
 
+    completed = False
     try:
         train(cfg)
+        completed = True
     except ConfigError as e:  # found while building (e.g. no manifest.json at data.train_shards)
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -50,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group(completed=completed)
     return 0
 
 

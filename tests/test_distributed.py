@@ -136,6 +136,7 @@ def _worker(r: int, world: int, port: int) -> None:
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     env = pd.init_from_env(timeout_s=60)
+    completed = False
     try:
         assert (env.rank, env.local_rank, env.world_size, env.device.type) == (r, r, world, "cpu")
         _check_env(r, world)
@@ -146,9 +147,9 @@ def _worker(r: int, world: int, port: int) -> None:
         if world == 2:  # DDP's first construction imports torch._dynamo: seconds per rank on a small machine
             _check_ddp_step(r, world)
         _check_shuffle_round_trip(r, world)
-        dist.barrier()
+        completed = True
     finally:
-        dist.destroy_process_group()
+        pd.leave_process_group(completed=completed)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -10,13 +10,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import ConfigError
-from pipeline.distributed import all_gather_no_grad, all_reduce_mean, init_from_env
+from pipeline.distributed import all_gather_no_grad, all_reduce_mean, init_from_env, leave_process_group
 from pipeline.methods import METHOD_CONFIGS, METHODS, build_method
 from pipeline.methods.mocov2 import MoCoV2, MoCoV2Config
 from pipeline.methods.momentum import momentum_at
@@ -197,13 +196,14 @@ def _worker(r: int, port: int) -> None:
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     init_from_env(timeout_s=60)
+    completed = False
     try:
         for name in ("simclr", "mocov3", "byol", "barlow_twins", "vicreg", "supcon"):
             _check_ddp_step(r, name)
         _check_moco_queue(r)
-        dist.barrier()
+        completed = True
     finally:
-        dist.destroy_process_group()
+        leave_process_group(completed=completed)
 
 
 def _free_port() -> int:

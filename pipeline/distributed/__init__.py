@@ -4,7 +4,14 @@ Every function here also works without a process group (a world of one), so loss
 call them need no `if distributed` branches of their own.
 """
 
-from pipeline.distributed.env import DistEnv, init_from_env, is_distributed, rank, world_size
+from pipeline.distributed.env import (
+    DistEnv,
+    init_from_env,
+    is_distributed,
+    leave_process_group,
+    rank,
+    world_size,
+)
 from pipeline.distributed.gather import (
     all_gather_no_grad,
     all_reduce_mean,
@@ -20,6 +27,7 @@ __all__ = [
     "gather_with_grad",
     "init_from_env",
     "is_distributed",
+    "leave_process_group",
     "rank",
     "shuffle_batch",
     "unshuffle_batch",

@@ -51,6 +51,24 @@ def init_from_env(timeout_s: float = 600) -> DistEnv:
     )
 
 
+def leave_process_group(*, completed: bool) -> None:
+    """Tear the process group down so that no rank's exit can crash a peer that exits later.
+
+    DDP (torch 2.14) keeps the gloo group's threads and sockets alive past `destroy_process_group`, until
+    interpreter teardown; a peer exiting first then kills the late rank with SIGABRT ("terminate called
+    without an active exception"): 3 exits in 36 with two CPU ranks, 0 in 72 with the abort below.
+    Once every rank is past a barrier no collective is in flight, so closing the connections is safe.
+    After a failure (`completed=False`) peers may never reach a barrier: the group is only destroyed.
+    """
+    if not dist.is_initialized():
+        return
+    if completed and dist.get_world_size() > 1:
+        dist.barrier()
+        if dist.get_backend() == "gloo":
+            dist.group.WORLD.abort()
+    dist.destroy_process_group()
+
+
 def is_distributed() -> bool:
     """True when a process group with more than one rank is up (a group of one behaves like none)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
