@@ -18,7 +18,7 @@ from pipeline.config import ConfigError
 from pipeline.distributed import all_gather_no_grad, all_reduce_mean, init_from_env, leave_process_group
 from pipeline.methods import METHOD_CONFIGS, METHODS, build_method
 from pipeline.methods.mocov2 import MoCoV2, MoCoV2Config
-from pipeline.methods.momentum import momentum_at
+from pipeline.methods.momentum import MomentumEncoder, momentum_at
 from pipeline.methods.simclr import SimCLR, SimCLRConfig
 from pipeline.models import HeadConfig, ModelConfig, build_backbone
 
@@ -101,6 +101,20 @@ def test_momentum_encoder_starts_as_a_copy_and_state_dict_captures_it() -> None:
     assert any(k.startswith("momentum_encoder.") for k in method.state_dict())
     moco = MoCoV2(TINY, MoCoV2Config(queue_size=8))
     assert {"queue", "queue_ptr"} <= set(moco.state_dict())
+
+
+def test_momentum_update_is_the_ema_formula_for_every_parameter() -> None:
+    online = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(5, 2))
+    ema = MomentumEncoder(online)
+    with torch.no_grad():
+        for p in online.parameters():
+            p.normal_()
+    before = [t.clone() for t in ema.net.parameters()]
+    ema.update([online], 0.9)
+    for t, b, o in zip(ema.net.parameters(), before, online.parameters(), strict=True):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * o)
+    with pytest.raises(ValueError, match="online parameters"):
+        ema.update([online[0]], 0.9)
 
 
 def test_cosine_momentum_schedule() -> None:

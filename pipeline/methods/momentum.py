@@ -48,10 +48,10 @@ class MomentumEncoder(nn.Module):
 
     @torch.no_grad()
     def update(self, online: list[nn.Module], momentum: float) -> None:
-        """target = momentum * target + (1 - momentum) * online, parameter by parameter."""
+        """target = momentum * target + (1 - momentum) * online; one fused multi-tensor lerp, not a
+        kernel launch per parameter (ViT-B has 150 parameter tensors)."""
         online_params = [p for m in online for p in m.parameters()]
         target_params = list(self.net.parameters())
         if len(online_params) != len(target_params):
             raise ValueError(f"{len(online_params)} online parameters for {len(target_params)} momentum ones")
-        for t, o in zip(target_params, online_params, strict=True):
-            t.lerp_(o.detach(), 1.0 - momentum)
+        torch._foreach_lerp_(target_params, [p.detach() for p in online_params], 1.0 - momentum)
