@@ -16,19 +16,23 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import ConfigError
 from pipeline.distributed import all_gather_no_grad, all_reduce_mean, init_from_env, leave_process_group
+from pipeline.losses import info_nce, supcon
 from pipeline.methods import METHOD_CONFIGS, METHODS, build_method
 from pipeline.methods.mocov2 import MoCoV2, MoCoV2Config
 from pipeline.methods.momentum import MomentumEncoder, momentum_at
 from pipeline.methods.simclr import SimCLR, SimCLRConfig
+from pipeline.methods.views import crop_pairs
 from pipeline.models import HeadConfig, ModelConfig, build_backbone
 
 TINY = ModelConfig(backbone="tiny", projector=HeadConfig(hidden_dim=32, output_dim=16))
 MOMENTUM_METHODS = {"mocov2", "mocov3", "byol"}
 
 
-def _views(b: int = 8, size: int = 32, seed: int = 0) -> list[torch.Tensor]:
+def _views(b: int = 8, size: int = 32, seed: int = 0, local: int = 0) -> list[torch.Tensor]:
+    """Two global crops of `size` px, then `local` local crops of half that size."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(b, 3, size, size, generator=g) for _ in range(2)]
+    sizes = [size, size] + [size // 2] * local
+    return [torch.randn(b, 3, px, px, generator=g) for px in sizes]
 
 
 def _method_config(name: str):
@@ -103,6 +107,41 @@ def test_momentum_encoder_starts_as_a_copy_and_state_dict_captures_it() -> None:
     assert {"queue", "queue_ptr"} <= set(moco.state_dict())
 
 
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_multicrop_local_crops_train_every_method(name: str) -> None:
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    views = _views(local=2)
+    torch.manual_seed(0)
+    method = build_method(SimpleNamespace(model=TINY, method=_method_config(name)))
+    state = {k: v.clone() for k, v in method.state_dict().items()}  # MoCo's queue moves every step
+    loss, _ = method(views, labels)
+    loss.backward()
+    assert torch.isfinite(loss) and method.backbone.conv1.weight.grad.abs().sum() > 0
+    method.load_state_dict(state)
+    other_locals = views[:2] + _views(local=2, seed=1)[2:]
+    assert not torch.allclose(method(other_locals, labels)[0], loss), "the local crops enter the loss"
+    method.load_state_dict(state)
+    two_views, _ = method(views[:2], labels)
+    assert not torch.allclose(two_views, loss)
+    with pytest.raises(ValueError, match="local crops must share one shape"):
+        method([*views, torch.randn(8, 3, 8, 8)], labels)
+
+
+def test_multicrop_simclr_is_nt_xent_with_every_other_crop_a_positive() -> None:
+    z1, z2 = torch.randn(6, 16, dtype=torch.float64), torch.randn(6, 16, dtype=torch.float64)
+    ids = torch.arange(6)
+    torch.testing.assert_close(supcon(torch.stack([z1, z2], 1), ids, 0.2), info_nce(z1, z2, 0.2))
+    with pytest.raises(ValueError, match=r"method\.chunk_size"):
+        SimCLR(TINY, SimCLRConfig(chunk_size=4))(_views(local=2), None)
+
+
+def test_crop_pairs_take_targets_from_global_crops_only() -> None:
+    assert crop_pairs(2, 2) == [(1, 0), (0, 1)]
+    assert crop_pairs(2, 2, symmetric_loss=True) == [(1, 0)]
+    assert crop_pairs(2, 4) == [(1, 0), (2, 0), (3, 0), (0, 1), (2, 1), (3, 1)]
+    assert crop_pairs(2, 4, symmetric_loss=True) == [(1, 0), (2, 0), (3, 0), (2, 1), (3, 1)]
+
+
 def test_momentum_update_is_the_ema_formula_for_every_parameter() -> None:
     online = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(5, 2))
     ema = MomentumEncoder(online)
@@ -160,8 +199,8 @@ VIT = ModelConfig(
 )
 
 
-def _check_ddp_step(r: int, name: str) -> None:
-    views = _views(WORLD * LOCAL_B, size=16, seed=1)  # the global batch
+def _check_ddp_step(r: int, name: str, local_crops: int) -> None:
+    views = _views(WORLD * LOCAL_B, size=16, seed=1, local=local_crops)  # the global batch
     labels = torch.arange(WORLD * LOCAL_B) % 3
     cfg = METHOD_CONFIGS[name]()
     local_cfg = dataclasses.replace(cfg, gather=False) if hasattr(cfg, "gather") else cfg
@@ -177,12 +216,13 @@ def _check_ddp_step(r: int, name: str) -> None:
     loss, _ = ddp([v[part] for v in views], labels[part])
     loss.backward()
     # Gathered losses report the global value on every rank; BYOL's is local, its mean global.
-    torch.testing.assert_close(all_reduce_mean(loss), ref_loss.detach(), atol=1e-5, rtol=1e-5, msg=name)
+    what = f"{name} with {local_crops} local crops"
+    torch.testing.assert_close(all_reduce_mean(loss), ref_loss.detach(), atol=1e-5, rtol=1e-5, msg=what)
     ref_grads = dict(reference.named_parameters())
     for param_name, p in method.named_parameters():
         if p.requires_grad:
             expected = ref_grads[param_name].grad
-            torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-4, msg=f"{name} {param_name}")
+            torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-4, msg=f"{what}: {param_name}")
 
 
 def _check_moco_queue(r: int) -> None:
@@ -213,7 +253,8 @@ def _worker(r: int, port: int) -> None:
     completed = False
     try:
         for name in ("simclr", "mocov3", "byol", "barlow_twins", "vicreg", "supcon"):
-            _check_ddp_step(r, name)
+            for local_crops in (0, 2):
+                _check_ddp_step(r, name, local_crops)
         _check_moco_queue(r)
         completed = True
     finally:

@@ -282,3 +282,16 @@ def test_nan_losses_stop_the_run_and_keep_the_last_checkpoint(
     assert rows[-1]["bad_steps"] == 2 and rows[-1]["loss"] != rows[-1]["loss"]
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step-{rows[-3]['step']:08d}"  # the last step with a finite loss
+
+
+def test_resume_into_another_models_checkpoint_names_the_difference(
+    sample_shards: Path, sample_val_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    out = tmp_path / "run"
+    extra = ["train.max_steps=2", "logging.wandb.mode=disabled"]
+    assert _train_here(_overrides(sample_shards, sample_val_shards, out, *extra)) == 0
+    other = [*extra, "method={name: byol}", "model.projector.output_dim=16"]
+    assert _train_here(_overrides(sample_shards, sample_val_shards, out, *other)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "step-00000002 was written by another model" in err
+    assert "method.name is 'simclr' there, 'byol' here" in err and "model.projector.output_dim is 32" in err

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.config import Config, to_dict
+from pipeline.config import Config, ConfigError, to_dict
 from pipeline.engine.checkpoint import STATE_FILE, CheckpointStore, find_step_dir, read_object
 from pipeline.engine.health import BadStepGuard
 from pipeline.engine.logger import RunLogger, new_run_id
@@ -148,6 +148,31 @@ def find_resume(cfg: Config, store: CheckpointStore) -> str | None:
     if cfg.checkpoint.resume == "auto":
         return store.newest()
     return find_step_dir(cfg.checkpoint.resume)
+
+
+def check_same_architecture(saved: dict[str, Any], cfg: Config, step_dir: str) -> None:
+    """A checkpoint resumes only the model it was written by; say which key differs, instead of a
+    state-dict error from deep inside the engine (typically: a reused run.output_dir)."""
+
+    def flat(section: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out = {}
+        for key, value in section.items():
+            out |= flat(value, f"{prefix}.{key}") if isinstance(value, dict) else {f"{prefix}.{key}": value}
+        return out
+
+    now = to_dict(cfg)
+    was = flat(saved["model"], "model") | {"method.name": saved["method"]["name"]}
+    want = flat(now["model"], "model") | {"method.name": now["method"]["name"]}
+    differ = [
+        f"{k} is {was.get(k)!r} there, {want.get(k)!r} here"
+        for k in sorted(was.keys() | want.keys())
+        if was.get(k) != want.get(k)
+    ]
+    if differ:
+        raise ConfigError(
+            f"checkpoint.resume: {step_dir} was written by another model ({'; '.join(differ)}); "
+            "use a new run.output_dir or checkpoint.resume=none"
+        )
 
 
 def _all_gather_objects(obj: Any, world_size: int) -> list[Any]:
@@ -301,6 +326,7 @@ def train(cfg: Config) -> TrainResult:
     loader_state = None
     if resume_dir is not None:
         state = read_object(f"{resume_dir}/{STATE_FILE}")
+        check_same_architecture(state["config"], cfg, resume_dir)
         engine.load(resume_dir, state)
         progress = Progress(**state["progress"])
         loader_state = state["loader"][rank % len(state["loader"])]  # DALI reader state is per rank

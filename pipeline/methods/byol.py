@@ -11,7 +11,7 @@ from torch import nn
 
 from pipeline.losses import byol
 from pipeline.methods.momentum import MomentumEncoder, check_momentum, momentum_at
-from pipeline.methods.views import global_views
+from pipeline.methods.views import crop_pairs, encode, split_crops
 from pipeline.models import ModelConfig, build_backbone, build_mlp
 
 
@@ -37,12 +37,15 @@ class BYOL(nn.Module):
     def forward(
         self, views: list[torch.Tensor], labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
-        v1, v2 = global_views(views, "byol")
-        p1 = self.predictor(self.projector(self.backbone(v1)))  # (B, D)
-        p2 = self.predictor(self.projector(self.backbone(v2)))
+        global_crops, local_crops = split_crops(views, "byol")
+        p = encode(self._predict, global_crops) + encode(self._predict, local_crops)  # V x (B, D)
         with torch.no_grad():
-            z1, z2 = self.momentum_encoder(v1), self.momentum_encoder(v2)
-        return byol(p1, z2) + byol(p2, z1), {}
+            z = encode(self.momentum_encoder, global_crops)
+        pairs = crop_pairs(len(global_crops), len(p))
+        return 2 * sum(byol(p[i], z[j]) for i, j in pairs) / len(pairs), {}  # 2 crops: the paper's sum
+
+    def _predict(self, images: torch.Tensor) -> torch.Tensor:
+        return self.predictor(self.projector(self.backbone(images)))
 
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
         m = momentum_at(step, total_steps, self.cfg.momentum, self.cfg.momentum_end)

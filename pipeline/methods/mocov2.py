@@ -18,14 +18,15 @@ from pipeline.config import ConfigError
 from pipeline.distributed import all_gather_no_grad, shuffle_batch, unshuffle_batch
 from pipeline.losses import moco_info_nce
 from pipeline.methods.momentum import MomentumEncoder, check_momentum, momentum_at
-from pipeline.methods.views import global_views
+from pipeline.methods.views import crop_pairs, encode, split_crops
 from pipeline.models import ModelConfig, build_backbone, build_mlp
 
 
 @dataclass(frozen=True)
 class MoCoV2Config:
     """momentum_end: None keeps `momentum` constant (the paper); a value follows a cosine to it.
-    symmetric: also contrast view 2's query with view 1's key (a common CIFAR improvement)."""
+    symmetric: also contrast view 2's query with view 1's key (a common CIFAR improvement).
+    Multi-crop's local crops are extra queries against the same keys."""
 
     name: str = "mocov2"
     temperature: float = 0.2
@@ -72,23 +73,25 @@ class MoCoV2(nn.Module):
     def forward(
         self, views: list[torch.Tensor], labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
-        v1, v2 = global_views(views, "mocov2")
-        t = self.cfg.temperature
-        queue = self.queue.clone()  # the loss must see the queue before this batch's keys join it
-        q1 = self.projector(self.backbone(v1))  # (B, D)
+        global_crops, local_crops = split_crops(views, "mocov2")
+        num_global, t = len(global_crops), self.cfg.temperature
+        # Key crops: the second global crop (its keys enter the queue first), all global crops if symmetric.
+        key_crops = [1, 0, *range(2, num_global)] if self.cfg.symmetric else [1]
+        pairs = [(i, j) for i, j in crop_pairs(num_global, len(views)) if j in key_crops]
+        global_queries = sorted({i for i, _ in pairs if i < num_global})
+        queries = encode(self._project, [global_crops[i] for i in global_queries])
+        queries += encode(self._project, local_crops)
+        q = dict(zip([*global_queries, *range(num_global, len(views))], queries, strict=True))  # crop: (B, D)
         with torch.no_grad():
-            k2 = self._keys(v2)  # (B, D)
-        loss = moco_info_nce(q1, k2, queue, t)
-        keys = [k2]
-        if self.cfg.symmetric:
-            q2 = self.projector(self.backbone(v2))
-            with torch.no_grad():
-                k1 = self._keys(v1)
-            loss = (loss + moco_info_nce(q2, k1, queue, t)) / 2
-            keys.append(k1)
-        for k in keys:
-            self._enqueue(k)
+            k = {j: self._keys(global_crops[j]) for j in key_crops}
+        queue = self.queue.clone()  # the loss must see the queue before this batch's keys join it
+        loss = sum(moco_info_nce(q[i], k[j], queue, t) for i, j in pairs) / len(pairs)
+        for j in key_crops:
+            self._enqueue(k[j])
         return loss, {}
+
+    def _project(self, images: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(images))
 
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
         m = momentum_at(step, total_steps, self.cfg.momentum, self.cfg.momentum_end)

@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.config import ConfigError
 from pipeline.losses import moco_info_nce
 from pipeline.methods.momentum import MomentumEncoder, check_momentum, momentum_at
-from pipeline.methods.views import global_views
+from pipeline.methods.views import crop_pairs, encode, split_crops
 from pipeline.models import ModelConfig, build_backbone, build_mlp
 
 
@@ -42,14 +42,17 @@ class MoCoV3(nn.Module):
     def forward(
         self, views: list[torch.Tensor], labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
-        v1, v2 = global_views(views, "mocov3")
-        q1 = self.predictor(self.projector(self.backbone(v1)))  # (B, D)
-        q2 = self.predictor(self.projector(self.backbone(v2)))
+        global_crops, local_crops = split_crops(views, "mocov3")
+        q = encode(self._predict, global_crops) + encode(self._predict, local_crops)  # V x (B, D)
         with torch.no_grad():
-            k1, k2 = self.momentum_encoder(v1), self.momentum_encoder(v2)
+            k = encode(self.momentum_encoder, global_crops)
         t, gather = self.cfg.temperature, self.cfg.gather
-        loss = moco_info_nce(q1, k2, None, t, gather=gather) + moco_info_nce(q2, k1, None, t, gather=gather)
+        pairs = crop_pairs(len(global_crops), len(q))
+        loss = 2 * sum(moco_info_nce(q[i], k[j], None, t, gather=gather) for i, j in pairs) / len(pairs)
         return loss * 2 * t, {}  # the paper's 2t scaling keeps gradients comparable across temperatures
+
+    def _predict(self, images: torch.Tensor) -> torch.Tensor:
+        return self.predictor(self.projector(self.backbone(images)))
 
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
         m = momentum_at(step, total_steps, self.cfg.momentum, self.cfg.momentum_end)

@@ -1,5 +1,8 @@
 """SimCLR (Chen et al., 2020): backbone -> projector, NT-Xent with every other view of the global batch
-as negatives (gathered across ranks with gradients, `pipeline.losses.info_nce(gather=True)`)."""
+as negatives (gathered across ranks with gradients, `pipeline.losses.info_nce(gather=True)`).
+
+With more than two crops (multi-crop) every crop of an image is a positive of every other: the
+multi-positive NT-Xent (SupCon's loss with the sample index as label), which is NT-Xent for two crops."""
 
 from __future__ import annotations
 
@@ -9,15 +12,16 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigError
-from pipeline.losses import info_nce
-from pipeline.methods.views import global_views
+from pipeline.distributed import rank
+from pipeline.losses import info_nce, supcon
+from pipeline.methods.views import encode, split_crops
 from pipeline.models import ModelConfig, build_backbone, build_mlp
 
 
 @dataclass(frozen=True)
 class SimCLRConfig:
     """gather: negatives from every rank (else only the local batch); chunk_size: blockwise NT-Xent for
-    very large batches (same value and gradients, flat memory)."""
+    very large two-view batches (same value and gradients, flat memory)."""
 
     name: str = "simclr"
     temperature: float = 0.2
@@ -41,11 +45,22 @@ class SimCLR(nn.Module):
     def forward(
         self, views: list[torch.Tensor], labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
-        v1, v2 = global_views(views, "simclr")
-        z = self.projector(self.backbone(torch.cat([v1, v2])))  # (2B, D): one pass, BN over both views
-        z1, z2 = z.chunk(2)
-        loss = info_nce(z1, z2, self.cfg.temperature, gather=self.cfg.gather, chunk_size=self.cfg.chunk_size)
-        return loss, {}
+        global_crops, local_crops = split_crops(views, "simclr")
+        z = encode(self._project, global_crops) + encode(self._project, local_crops)  # V x (B, D)
+        t, gather = self.cfg.temperature, self.cfg.gather
+        if len(z) == 2:
+            return info_nce(z[0], z[1], t, gather=gather, chunk_size=self.cfg.chunk_size), {}
+        if self.cfg.chunk_size is not None:
+            raise ValueError(
+                f"method.chunk_size: the blockwise NT-Xent takes two views, this batch has {len(z)}; "
+                "set method.chunk_size=null for multi-crop"
+            )
+        b = z[0].shape[0]
+        sample_ids = torch.arange(b, device=z[0].device) + (rank() * b if gather else 0)
+        return supcon(torch.stack(z, dim=1), sample_ids, t, gather=gather), {}
+
+    def _project(self, images: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(images))
 
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
         return {}

@@ -10,7 +10,7 @@ from torch import nn
 
 from pipeline.config import ConfigError
 from pipeline.losses import supcon
-from pipeline.methods.views import global_views
+from pipeline.methods.views import encode, split_crops
 from pipeline.models import ModelConfig, build_backbone, build_mlp
 
 
@@ -37,10 +37,13 @@ class SupCon(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         if labels is None:
             raise ValueError("supcon needs labels: shard the data with --labels auto")
-        v1, v2 = global_views(views, "supcon")
-        z = self.projector(self.backbone(torch.cat([v1, v2])))  # (2B, D)
-        z = torch.stack(z.chunk(2), dim=1)  # (B, 2, D): both views of each sample
+        global_crops, local_crops = split_crops(views, "supcon")
+        z = encode(self._project, global_crops) + encode(self._project, local_crops)
+        z = torch.stack(z, dim=1)  # (B, V, D): every crop of each sample
         return supcon(z, labels, self.cfg.temperature, gather=self.cfg.gather), {}
+
+    def _project(self, images: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(images))
 
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
         return {}

@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.config import ConfigError
 from pipeline.distributed import gather_with_grad
 from pipeline.losses import vicreg
-from pipeline.methods.views import global_views
+from pipeline.methods.views import crop_pairs, encode, split_crops
 from pipeline.models import ModelConfig, build_backbone, build_mlp
 
 
@@ -40,19 +40,17 @@ class VICReg(nn.Module):
     def forward(
         self, views: list[torch.Tensor], labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
-        v1, v2 = global_views(views, "vicreg")
-        z1 = self.projector(self.backbone(v1))  # (B, D)
-        z2 = self.projector(self.backbone(v2))
+        global_crops, local_crops = split_crops(views, "vicreg")
+        z = encode(self._project, global_crops) + encode(self._project, local_crops)  # V x (B, D)
         if self.cfg.gather:
-            z1, z2 = gather_with_grad(z1), gather_with_grad(z2)  # (W B, D)
-        loss = vicreg(
-            z1,
-            z2,
-            sim_weight=self.cfg.sim_weight,
-            var_weight=self.cfg.var_weight,
-            cov_weight=self.cfg.cov_weight,
-        )
-        return loss, {}
+            z = [gather_with_grad(x) for x in z]  # V x (W B, D)
+        pairs = crop_pairs(len(global_crops), len(z), symmetric_loss=True)  # 2 crops: just (1, 0)
+        weights = {"sim_weight": self.cfg.sim_weight, "var_weight": self.cfg.var_weight}
+        loss = sum(vicreg(z[i], z[j], **weights, cov_weight=self.cfg.cov_weight) for i, j in pairs)
+        return loss / len(pairs), {}
+
+    def _project(self, images: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(images))
 
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
         return {}
