@@ -7,12 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from pipeline.losses import byol
-from pipeline.methods.momentum import MomentumEncoder, check_momentum, momentum_at
+from pipeline.methods.momentum import MomentumMethod, check_momentum
 from pipeline.methods.views import crop_pairs, encode, split_crops
-from pipeline.models import ModelConfig, build_backbone, build_mlp
+from pipeline.models import ModelConfig, build_mlp
 
 
 @dataclass(frozen=True)
@@ -25,14 +24,12 @@ class BYOLConfig:
         check_momentum(self.momentum, self.momentum_end)
 
 
-class BYOL(nn.Module):
+class BYOL(MomentumMethod):
+    cfg: BYOLConfig
+
     def __init__(self, model: ModelConfig, cfg: BYOLConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.backbone, feature_dim = build_backbone(model)
-        self.projector = build_mlp(feature_dim, model.projector)
+        super().__init__(model, cfg)
         self.predictor = build_mlp(model.projector.output_dim, model.default_predictor())
-        self.momentum_encoder = MomentumEncoder(self.backbone, self.projector)
 
     def forward(
         self, views: list[torch.Tensor], labels: torch.Tensor | None = None
@@ -45,12 +42,4 @@ class BYOL(nn.Module):
         return 2 * sum(byol(p[i], z[j]) for i, j in pairs) / len(pairs), {}  # 2 crops: the paper's sum
 
     def _predict(self, images: torch.Tensor) -> torch.Tensor:
-        return self.predictor(self.projector(self.backbone(images)))
-
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
-        m = momentum_at(step, total_steps, self.cfg.momentum, self.cfg.momentum_end)
-        self.momentum_encoder.update([self.backbone, self.projector], m)
-        return {"ema_momentum": m}
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)
+        return self.predictor(self.project(images))

@@ -12,14 +12,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from pipeline.config import ConfigError
 from pipeline.distributed import all_gather_no_grad, shuffle_batch, unshuffle_batch
 from pipeline.losses import moco_info_nce
-from pipeline.methods.momentum import MomentumEncoder, check_momentum, momentum_at
+from pipeline.methods.momentum import MomentumMethod, check_momentum
 from pipeline.methods.views import crop_pairs, encode, split_crops
-from pipeline.models import ModelConfig, build_backbone, build_mlp
+from pipeline.models import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -44,13 +43,11 @@ class MoCoV2Config:
         check_momentum(self.momentum, self.momentum_end)
 
 
-class MoCoV2(nn.Module):
+class MoCoV2(MomentumMethod):
+    cfg: MoCoV2Config
+
     def __init__(self, model: ModelConfig, cfg: MoCoV2Config) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.backbone, feature_dim = build_backbone(model)
-        self.projector = build_mlp(feature_dim, model.projector)
-        self.momentum_encoder = MomentumEncoder(self.backbone, self.projector)
+        super().__init__(model, cfg)
         dim = model.projector.output_dim
         self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, dim), dim=1))  # (K, D)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -79,8 +76,8 @@ class MoCoV2(nn.Module):
         key_crops = [1, 0, *range(2, num_global)] if self.cfg.symmetric else [1]
         pairs = [(i, j) for i, j in crop_pairs(num_global, len(views)) if j in key_crops]
         global_queries = sorted({i for i, _ in pairs if i < num_global})
-        queries = encode(self._project, [global_crops[i] for i in global_queries])
-        queries += encode(self._project, local_crops)
+        queries = encode(self.project, [global_crops[i] for i in global_queries])
+        queries += encode(self.project, local_crops)
         q = dict(zip([*global_queries, *range(num_global, len(views))], queries, strict=True))  # crop: (B, D)
         with torch.no_grad():
             k = {j: self._keys(global_crops[j]) for j in key_crops}
@@ -89,14 +86,3 @@ class MoCoV2(nn.Module):
         for j in key_crops:
             self._enqueue(k[j])
         return loss, {}
-
-    def _project(self, images: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone(images))
-
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
-        m = momentum_at(step, total_steps, self.cfg.momentum, self.cfg.momentum_end)
-        self.momentum_encoder.update([self.backbone, self.projector], m)
-        return {"ema_momentum": m}
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)

@@ -7,13 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from pipeline.config import ConfigError
 from pipeline.losses import moco_info_nce
-from pipeline.methods.momentum import MomentumEncoder, check_momentum, momentum_at
+from pipeline.methods.momentum import MomentumMethod, check_momentum
 from pipeline.methods.views import crop_pairs, encode, split_crops
-from pipeline.models import ModelConfig, build_backbone, build_mlp
+from pipeline.models import ModelConfig, build_mlp
 
 
 @dataclass(frozen=True)
@@ -30,14 +29,12 @@ class MoCoV3Config:
         check_momentum(self.momentum, self.momentum_end)
 
 
-class MoCoV3(nn.Module):
+class MoCoV3(MomentumMethod):
+    cfg: MoCoV3Config
+
     def __init__(self, model: ModelConfig, cfg: MoCoV3Config) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.backbone, feature_dim = build_backbone(model)
-        self.projector = build_mlp(feature_dim, model.projector)
+        super().__init__(model, cfg)
         self.predictor = build_mlp(model.projector.output_dim, model.default_predictor())
-        self.momentum_encoder = MomentumEncoder(self.backbone, self.projector)
 
     def forward(
         self, views: list[torch.Tensor], labels: torch.Tensor | None = None
@@ -52,12 +49,4 @@ class MoCoV3(nn.Module):
         return loss * 2 * t, {}  # the paper's 2t scaling keeps gradients comparable across temperatures
 
     def _predict(self, images: torch.Tensor) -> torch.Tensor:
-        return self.predictor(self.projector(self.backbone(images)))
-
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
-        m = momentum_at(step, total_steps, self.cfg.momentum, self.cfg.momentum_end)
-        self.momentum_encoder.update([self.backbone, self.projector], m)
-        return {"ema_momentum": m}
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)
+        return self.predictor(self.project(images))

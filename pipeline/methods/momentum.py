@@ -1,7 +1,7 @@
 """The momentum (EMA) encoder shared by MoCo v2/v3 and BYOL, and its cosine momentum schedule.
 
-Composition, not inheritance: a method owns one `MomentumEncoder` next to its online modules and calls
-`update` from `on_step_end`, after the optimizer step.
+`MomentumMethod` owns one `MomentumEncoder` next to the online backbone and projector and updates it
+from `on_step_end`, after the optimizer step.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigError
+from pipeline.methods.encoder import ProjectedEncoder
+from pipeline.models import ModelConfig
 
 
 def check_momentum(momentum: float, momentum_end: float | None) -> None:
@@ -55,3 +57,17 @@ class MomentumEncoder(nn.Module):
         if len(online_params) != len(target_params):
             raise ValueError(f"{len(online_params)} online parameters for {len(target_params)} momentum ones")
         torch._foreach_lerp_(target_params, [p.detach() for p in online_params], 1.0 - momentum)
+
+
+class MomentumMethod(ProjectedEncoder):
+    """A method with an EMA copy of its backbone and projector as target encoder; `cfg.momentum`
+    (and `cfg.momentum_end`, for the cosine schedule) set its momentum."""
+
+    def __init__(self, model: ModelConfig, cfg) -> None:
+        super().__init__(model, cfg)
+        self.momentum_encoder = MomentumEncoder(self.backbone, self.projector)
+
+    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+        m = momentum_at(step, total_steps, self.cfg.momentum, self.cfg.momentum_end)
+        self.momentum_encoder.update([self.backbone, self.projector], m)
+        return {"ema_momentum": m}

@@ -9,13 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from pipeline.config import ConfigError
 from pipeline.distributed import rank
 from pipeline.losses import info_nce, supcon
+from pipeline.methods.encoder import ProjectedEncoder
 from pipeline.methods.views import encode, split_crops
-from pipeline.models import ModelConfig, build_backbone, build_mlp
 
 
 @dataclass(frozen=True)
@@ -35,18 +34,14 @@ class SimCLRConfig:
             raise ConfigError(f"method.chunk_size must be > 0 or null, got {self.chunk_size}")
 
 
-class SimCLR(nn.Module):
-    def __init__(self, model: ModelConfig, cfg: SimCLRConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.backbone, feature_dim = build_backbone(model)
-        self.projector = build_mlp(feature_dim, model.projector)
+class SimCLR(ProjectedEncoder):
+    cfg: SimCLRConfig
 
     def forward(
         self, views: list[torch.Tensor], labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         global_crops, local_crops = split_crops(views, "simclr")
-        z = encode(self._project, global_crops) + encode(self._project, local_crops)  # V x (B, D)
+        z = encode(self.project, global_crops) + encode(self.project, local_crops)  # V x (B, D)
         t, gather = self.cfg.temperature, self.cfg.gather
         if len(z) == 2:
             return info_nce(z[0], z[1], t, gather=gather, chunk_size=self.cfg.chunk_size), {}
@@ -58,12 +53,3 @@ class SimCLR(nn.Module):
         b = z[0].shape[0]
         sample_ids = torch.arange(b, device=z[0].device) + (rank() * b if gather else 0)
         return supcon(torch.stack(z, dim=1), sample_ids, t, gather=gather), {}
-
-    def _project(self, images: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone(images))
-
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
-        return {}
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)

@@ -6,12 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from pipeline.config import ConfigError
 from pipeline.losses import supcon
+from pipeline.methods.encoder import ProjectedEncoder
 from pipeline.methods.views import encode, split_crops
-from pipeline.models import ModelConfig, build_backbone, build_mlp
 
 
 @dataclass(frozen=True)
@@ -25,12 +24,8 @@ class SupConConfig:
             raise ConfigError(f"method.temperature must be > 0, got {self.temperature}")
 
 
-class SupCon(nn.Module):
-    def __init__(self, model: ModelConfig, cfg: SupConConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.backbone, feature_dim = build_backbone(model)
-        self.projector = build_mlp(feature_dim, model.projector)
+class SupCon(ProjectedEncoder):
+    cfg: SupConConfig
 
     def forward(
         self, views: list[torch.Tensor], labels: torch.Tensor | None = None
@@ -38,15 +33,6 @@ class SupCon(nn.Module):
         if labels is None:
             raise ValueError("supcon needs labels: shard the data with --labels auto")
         global_crops, local_crops = split_crops(views, "supcon")
-        z = encode(self._project, global_crops) + encode(self._project, local_crops)
+        z = encode(self.project, global_crops) + encode(self.project, local_crops)
         z = torch.stack(z, dim=1)  # (B, V, D): every crop of each sample
         return supcon(z, labels, self.cfg.temperature, gather=self.cfg.gather), {}
-
-    def _project(self, images: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone(images))
-
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
-        return {}
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)
