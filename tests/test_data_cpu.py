@@ -43,30 +43,6 @@ def _truth(shards) -> dict[str, int]:
     return out
 
 
-def test_multicrop_views_shapes_dtypes_and_ranges(sample_shards):
-    cfg = _cfg(
-        sample_shards,
-        recipe="multicrop",
-        local_crops=2,
-        local_image_size=16,
-        dtype="float16",
-        channels_last=True,
-    )
-    loader = build_loader(cfg)
-    batch = next(iter(loader))
-    assert [tuple(v.shape) for v in batch.views] == [(50, 3, 32, 32)] * 2 + [(50, 3, 16, 16)] * 2
-    assert all(
-        v.dtype == torch.float16 and v.is_contiguous(memory_format=torch.channels_last) for v in batch.views
-    )
-    for v in batch.views:  # ImageNet-normalised pixels of [0, 1]
-        assert v.min() >= -2.2 and v.max() <= 2.7 and v.float().std() > 0.3
-    assert batch.labels.dtype == torch.int64 and batch.labels.shape == (50,)
-    assert all(
-        not torch.equal(a, b) for a, b in zip(batch.views[0], batch.views[1], strict=True)
-    )  # views differ
-    assert len(loader) == 2000 // 50
-
-
 def test_two_ranks_cover_an_epoch_disjointly_with_labels(sample_val_shards):
     truth = _truth(sample_val_shards)
     seen = []

@@ -42,9 +42,12 @@ def _digest(image: torch.Tensor) -> str:
     return hashlib.sha1((image * 255).round().to(torch.uint8).contiguous().numpy().tobytes()).hexdigest()
 
 
-def test_multicrop_views_shapes_dtypes_ranges(sample_shards):
+@pytest.mark.parametrize("backend", ["dali", "cpu"])
+def test_multicrop_views_shapes_dtypes_ranges(sample_shards, backend):
     cfg = _cfg(
         sample_shards,
+        backend=backend,
+        num_workers=1 if backend == "dali" else 0,
         recipe="multicrop",
         local_crops=3,
         local_image_size=16,
@@ -57,7 +60,7 @@ def test_multicrop_views_shapes_dtypes_ranges(sample_shards):
     assert all(
         v.dtype == torch.float16 and v.is_contiguous(memory_format=torch.channels_last) for v in batch.views
     )
-    for v in batch.views:
+    for v in batch.views:  # ImageNet-normalised pixels of [0, 1]
         assert v.min() >= -2.2 and v.max() <= 2.7 and v.float().std() > 0.3
     assert batch.labels.dtype == torch.int64 and set(batch.labels.tolist()) <= set(range(10))
     assert all(not torch.equal(a, b) for a, b in zip(batch.views[0], batch.views[1], strict=True))
