@@ -9,20 +9,10 @@ import shutil
 
 import pytest
 import torch
+from loader_presets import IDENTITY
 
-from pipeline.data import AugmentConfig, DataConfig, build_eval_loader, build_loader
+from pipeline.data import DataConfig, build_eval_loader, build_loader
 from pipeline.data.shards import load_shard_set
-
-# Every random op off and a full-image crop: a view is the decoded image, normalised (32 px in, 32 px out).
-IDENTITY = AugmentConfig(
-    crop_scale=(1.0, 1.0),
-    crop_ratio=(1.0, 1.0),
-    flip_p=0.0,
-    jitter_p=0.0,
-    grayscale_p=0.0,
-    blur_p=(0.0,),
-    solarize_p=(0.0,),
-)
 
 
 def _cfg(shards, **kw) -> DataConfig:

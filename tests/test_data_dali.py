@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from loader_presets import IDENTITY, PLAIN
 from PIL import Image
 
 from data_prep.__main__ import main as data_prep_main
@@ -20,16 +21,6 @@ from pipeline.data import AugmentConfig, DataConfig, build_eval_loader, build_lo
 from pipeline.data.shards import load_shard_set
 
 REPO = Path(__file__).resolve().parent.parent
-PLAIN = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # views in [0, 1] pixel units
-IDENTITY = AugmentConfig(
-    crop_scale=(1.0, 1.0),
-    crop_ratio=(1.0, 1.0),
-    flip_p=0.0,
-    jitter_p=0.0,
-    grayscale_p=0.0,
-    blur_p=(0.0,),
-    solarize_p=(0.0,),
-)
 
 
 def _cfg(shards, **kw) -> DataConfig:
