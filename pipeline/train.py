@@ -7,6 +7,7 @@ The config is validated before anything starts: a mistake is one line naming the
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pipeline.config import ConfigError, load
@@ -56,4 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from pipeline.distributed import exit_rank
+
+        exit_rank(status)  # everything is written; skip the teardown that can abort a rank (see there)
+    sys.exit(status)

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import ConfigError
-from pipeline.distributed import all_gather_no_grad, all_reduce_mean, init_from_env, leave_process_group
+from pipeline.distributed import (
+    all_gather_no_grad,
+    all_reduce_mean,
+    exit_rank,
+    init_from_env,
+    leave_process_group,
+)
 from pipeline.losses import info_nce, supcon
 from pipeline.methods import METHOD_CONFIGS, METHODS, build_method
 from pipeline.methods.mocov2 import MoCoV2, MoCoV2Config
@@ -259,6 +265,7 @@ def _worker(r: int, port: int) -> None:
         completed = True
     finally:
         leave_process_group(completed=completed)
+    exit_rank(0)  # every check passed
 
 
 def _free_port() -> int:

@@ -6,6 +6,7 @@ call them need no `if distributed` branches of their own.
 
 from pipeline.distributed.env import (
     DistEnv,
+    exit_rank,
     init_from_env,
     is_distributed,
     leave_process_group,
@@ -24,6 +25,7 @@ __all__ = [
     "DistEnv",
     "all_gather_no_grad",
     "all_reduce_mean",
+    "exit_rank",
     "gather_with_grad",
     "init_from_env",
     "is_distributed",
