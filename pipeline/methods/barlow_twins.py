@@ -33,7 +33,7 @@ class BarlowTwins(ProjectedEncoder):
         self, views: list[torch.Tensor], labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         global_crops, local_crops = split_crops(views, "barlow_twins")
-        z = encode(self.project, global_crops) + encode(self.project, local_crops)  # V x (B, D)
+        z = encode(self.project, global_crops, local_crops)  # V x (B, D)
         if self.cfg.gather:
             z = [gather_with_grad(x) for x in z]  # V x (W B, D)
         pairs = crop_pairs(len(global_crops), len(z), symmetric_loss=True)  # 2 crops: just (1, 0)

@@ -35,7 +35,7 @@ class BYOL(MomentumMethod):
         self, views: list[torch.Tensor], labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         global_crops, local_crops = split_crops(views, "byol")
-        p = encode(self._predict, global_crops) + encode(self._predict, local_crops)  # V x (B, D)
+        p = encode(self._predict, global_crops, local_crops)  # V x (B, D)
         with torch.no_grad():
             z = encode(self.momentum_encoder, global_crops)
         pairs = crop_pairs(len(global_crops), len(p))

@@ -76,8 +76,7 @@ class MoCoV2(MomentumMethod):
         key_crops = [1, 0, *range(2, num_global)] if self.cfg.symmetric else [1]
         pairs = [(i, j) for i, j in crop_pairs(num_global, len(views)) if j in key_crops]
         global_queries = sorted({i for i, _ in pairs if i < num_global})
-        queries = encode(self.project, [global_crops[i] for i in global_queries])
-        queries += encode(self.project, local_crops)
+        queries = encode(self.project, [global_crops[i] for i in global_queries], local_crops)
         q = dict(zip([*global_queries, *range(num_global, len(views))], queries, strict=True))  # crop: (B, D)
         with torch.no_grad():
             k = {j: self._keys(global_crops[j]) for j in key_crops}

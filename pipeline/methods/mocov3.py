@@ -40,7 +40,7 @@ class MoCoV3(MomentumMethod):
         self, views: list[torch.Tensor], labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         global_crops, local_crops = split_crops(views, "mocov3")
-        q = encode(self._predict, global_crops) + encode(self._predict, local_crops)  # V x (B, D)
+        q = encode(self._predict, global_crops, local_crops)  # V x (B, D)
         with torch.no_grad():
             k = encode(self.momentum_encoder, global_crops)
         t, gather = self.cfg.temperature, self.cfg.gather

@@ -41,7 +41,7 @@ class SimCLR(ProjectedEncoder):
         self, views: list[torch.Tensor], labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         global_crops, local_crops = split_crops(views, "simclr")
-        z = encode(self.project, global_crops) + encode(self.project, local_crops)  # V x (B, D)
+        z = encode(self.project, global_crops, local_crops)  # V x (B, D)
         t, gather = self.cfg.temperature, self.cfg.gather
         if len(z) == 2:
             return info_nce(z[0], z[1], t, gather=gather, chunk_size=self.cfg.chunk_size), {}

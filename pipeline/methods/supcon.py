@@ -33,6 +33,5 @@ class SupCon(ProjectedEncoder):
         if labels is None:
             raise ValueError("supcon needs labels: shard the data with --labels auto")
         global_crops, local_crops = split_crops(views, "supcon")
-        z = encode(self.project, global_crops) + encode(self.project, local_crops)
-        z = torch.stack(z, dim=1)  # (B, V, D): every crop of each sample
+        z = torch.stack(encode(self.project, global_crops, local_crops), dim=1)  # (B, V, D): every crop
         return supcon(z, labels, self.cfg.temperature, gather=self.cfg.gather), {}

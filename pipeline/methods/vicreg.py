@@ -36,10 +36,13 @@ class VICReg(ProjectedEncoder):
         self, views: list[torch.Tensor], labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         global_crops, local_crops = split_crops(views, "vicreg")
-        z = encode(self.project, global_crops) + encode(self.project, local_crops)  # V x (B, D)
+        z = encode(self.project, global_crops, local_crops)  # V x (B, D)
         if self.cfg.gather:
             z = [gather_with_grad(x) for x in z]  # V x (W B, D)
         pairs = crop_pairs(len(global_crops), len(z), symmetric_loss=True)  # 2 crops: just (1, 0)
-        weights = {"sim_weight": self.cfg.sim_weight, "var_weight": self.cfg.var_weight}
-        loss = sum(vicreg(z[i], z[j], **weights, cov_weight=self.cfg.cov_weight) for i, j in pairs)
-        return loss / len(pairs), {}
+        c = self.cfg
+        losses = [
+            vicreg(z[i], z[j], sim_weight=c.sim_weight, var_weight=c.var_weight, cov_weight=c.cov_weight)
+            for i, j in pairs
+        ]
+        return sum(losses) / len(pairs), {}

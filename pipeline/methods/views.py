@@ -24,11 +24,10 @@ def split_crops(views: list[torch.Tensor], method: str) -> tuple[list[torch.Tens
     return views[:num_global], views[num_global:]
 
 
-def encode(net: Callable[[torch.Tensor], torch.Tensor], crops: list[torch.Tensor]) -> list[torch.Tensor]:
-    """`net` over crops of one resolution in one pass (BatchNorm normalises over all of them), split back."""
-    if not crops:
-        return []
-    return list(net(torch.cat(crops)).chunk(len(crops)))
+def encode(net: Callable[[torch.Tensor], torch.Tensor], *groups: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`net` over each group of crops (one resolution each) in one pass, so BatchNorm normalises over
+    the whole group; the outputs come back one per crop, in order."""
+    return [out for crops in groups if crops for out in net(torch.cat(crops)).chunk(len(crops))]
 
 
 def crop_pairs(num_global: int, num_crops: int, *, symmetric_loss: bool = False) -> list[tuple[int, int]]:
