@@ -27,11 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from pipeline.engine.checkpoint import CheckpointError
 
 FORMATS = ("torchvision", "timm")
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -132,9 +135,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=FORMATS, default="torchvision")
     parser.add_argument("--out", required=True, help="output .pt file (FILE.json gets the rebuild recipe)")
     args = parser.parse_args(argv)
-    state, meta = export_backbone(args.checkpoint, args.format)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:  # refuse before loading anything
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as e:
+        print(
+            f"pipeline.export: --out {out} is not writable ({e.strerror}); choose another --out",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        state, meta = export_backbone(args.checkpoint, args.format)
+    except (
+        CheckpointError
+    ) as e:  # missing, or no intact step (a damaged newest one falls back, with a warning)
+        print(f"pipeline.export: {e}", file=sys.stderr)
+        return 2
     torch.save(state, out)
     out.with_suffix(out.suffix + ".json").write_text(json.dumps(meta, indent=1) + "\n")
     print(json.dumps({"out": str(out), **meta}), flush=True)

@@ -2,6 +2,9 @@
 
 The same command runs under `torchrun` (it reads RANK/WORLD_SIZE/LOCAL_RANK; world size 1 without them).
 The config is validated before anything starts: a mistake is one line naming the key, exit code 2.
+Exit codes: 0 done or preempted with a checkpoint saved; 1 the loss diverged or an unexpected error (a
+traceback); 2 refused, in one line naming the key or path: a config mistake, a resume that would change
+what the run learns, an unwritable, full or damaged checkpoint location, a run folder in use.
 """
 
 from __future__ import annotations
@@ -38,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from pipeline.distributed import leave_process_group
+    from pipeline.engine.checkpoint import CheckpointError
     from pipeline.engine.health import TrainingDiverged
+    from pipeline.engine.logger import LoggingError
+    from pipeline.engine.runlock import RunFolderBusy
     from pipeline.engine.trainer import train
 
     completed = False
@@ -47,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         completed = True
     except ConfigError as e:  # found while building (e.g. no manifest.json at data.train_shards)
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, RunFolderBusy, LoggingError) as e:  # storage, a busy run folder, W&B
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)

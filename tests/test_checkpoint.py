@@ -58,7 +58,7 @@ def test_local_save_is_atomic(tmp_path: Path) -> None:
     assert (tmp_path / ".tmp-step-00000002").exists()
     store.save(3, _state(3))
     assert not (tmp_path / ".tmp-step-00000002").exists()
-    assert os.listdir(tmp_path / "step-00000003") == ["state.pt"]
+    assert sorted(os.listdir(tmp_path / "step-00000003")) == ["state.pt", "state.sha256"]
 
 
 def test_s3_store(s3_server) -> None:

@@ -277,11 +277,13 @@ def test_nan_losses_stop_the_run_and_keep_the_last_checkpoint(
     extra = ["optim.lr=.inf", "train.max_bad_steps=2", "train.max_steps=20", "checkpoint.every_steps=1",
              "logging.wandb.mode=disabled"]  # fmt: skip
     assert _train_here(_overrides(sample_shards, sample_val_shards, out, *extra)) == 1
-    assert "loss was NaN/Inf for 2 steps in a row" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "loss was NaN/Inf for 2 steps in a row" in err
     rows = [r for r in _rows(out) if "loss" in r]
-    assert rows[-1]["bad_steps"] == 2 and rows[-1]["loss"] != rows[-1]["loss"]
+    assert rows[-1]["bad_steps"] == 2 and rows[-1]["loss"] is None  # NaN is written as null: strict JSON
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step-{rows[-3]['step']:08d}"  # the last step with a finite loss
+    assert f"the last good checkpoint, {out / 'checkpoints' / latest}, is intact" in err
 
 
 def test_resume_into_another_models_checkpoint_names_the_difference(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import uuid
@@ -10,6 +11,11 @@ from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_INIT_TIMEOUT_S = 15  # wandb's own default (90 s) keeps a run with a bad key or no network waiting
+
+
+class LoggingError(RuntimeError):
+    """W&B `online` could not start (bad key, no network): one line, exit 2, before any step."""
 
 
 def new_run_id() -> str:
@@ -60,19 +66,28 @@ class RunLogger:
         if mode != "disabled":
             import wandb
 
-            self.wandb_run = wandb.init(
-                project=wb.project,
-                entity=wb.entity,
-                name=wb.name or cfg.run.name,
-                tags=list(wb.tags),
-                group=wb.group,
-                mode=mode,
-                id=run_id,
-                resume="allow",
-                dir=str(out),
-                config=config_dict,
-                settings=wandb.Settings(console="off", silent=True),
-            )
+            timeout = {} if "WANDB_INIT_TIMEOUT" in os.environ else {"init_timeout": WANDB_INIT_TIMEOUT_S}
+            try:
+                self.wandb_run = wandb.init(
+                    project=wb.project,
+                    entity=wb.entity,
+                    name=wb.name or cfg.run.name,
+                    tags=list(wb.tags),
+                    group=wb.group,
+                    mode=mode,
+                    id=run_id,
+                    resume="allow",
+                    dir=str(out),
+                    config=config_dict,
+                    settings=wandb.Settings(console="off", silent=True, **timeout),
+                )
+            except wandb.errors.Error as e:  # bad key, no network, init timeout
+                self.metrics.close()
+                reason = f"{type(e).__name__}: {e}".splitlines()[0]
+                raise LoggingError(
+                    f"logging.wandb.mode={mode}: W&B did not start ({reason}); check WANDB_API_KEY and the "
+                    "network, or use logging.wandb.mode=offline and `wandb sync` later"
+                ) from None
         if cfg.logging.progress_bar:
             from tqdm import tqdm
 
@@ -84,7 +99,7 @@ class RunLogger:
         """One row; `row["step"]` is the optimizer step it belongs to."""
         if not self.enabled:
             return
-        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
         self.metrics.flush()
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
@@ -108,6 +123,11 @@ class RunLogger:
         self.metrics.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def strict_json(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN and +-Inf (a skipped step's loss) as null: JSON has no such numbers; strict readers refuse them."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
 def _drop_rows_after(path: Path, step: int) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,11 +23,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.config import Config, ConfigError, to_dict
-from pipeline.engine.checkpoint import STATE_FILE, CheckpointStore, find_step_dir, read_object
+from pipeline.config import Config, to_dict
+from pipeline.engine.checkpoint import CheckpointStore, find_state
 from pipeline.engine.health import BadStepGuard
 from pipeline.engine.logger import RunLogger, new_run_id
 from pipeline.engine.preemption import StopRequest
+from pipeline.engine.preflight import check_checkpoint_dir, lock_run_folder, write_run_config
+from pipeline.engine.resume import check_not_past_end, config_changes, resume_point
 
 
 class Engine(Protocol):
@@ -52,6 +55,11 @@ class Progress:
     batches_in_epoch: int = 0  # loader batches consumed in `epoch`, per rank
     wandb_run_id: str = field(default_factory=new_run_id)
     bad_steps: int = 0
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> Progress:
+        """Fields this version knows; a checkpoint from an older or newer version still resumes."""
+        return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -141,38 +149,19 @@ def checkpoint_root(cfg: Config) -> str:
     return cfg.checkpoint.dir or str(Path(cfg.run.output_dir) / "checkpoints")
 
 
-def find_resume(cfg: Config, store: CheckpointStore) -> str | None:
-    """Step folder to resume from: newest complete under the root (`auto`), an explicit path, or none."""
+def find_resume(cfg: Config, store: CheckpointStore, warn: bool) -> tuple[str | None, dict[str, Any] | None]:
+    """(step folder, state) to resume from: the newest intact under the root (`auto`; damaged newer ones
+    are named in a warning), an explicit path, or (None, None)."""
+
+    def say(message: str) -> None:
+        if warn:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
     if cfg.checkpoint.resume == "none":
-        return None
+        return None, None
     if cfg.checkpoint.resume == "auto":
-        return store.newest()
-    return find_step_dir(cfg.checkpoint.resume)
-
-
-def check_same_architecture(saved: dict[str, Any], cfg: Config, step_dir: str) -> None:
-    """A checkpoint resumes only the model it was written by; say which key differs, instead of a
-    state-dict error from deep inside the engine (typically: a reused run.output_dir)."""
-
-    def flat(section: dict[str, Any], prefix: str) -> dict[str, Any]:
-        out = {}
-        for key, value in section.items():
-            out |= flat(value, f"{prefix}.{key}") if isinstance(value, dict) else {f"{prefix}.{key}": value}
-        return out
-
-    now = to_dict(cfg)
-    was = flat(saved["model"], "model") | {"method.name": saved["method"]["name"]}
-    want = flat(now["model"], "model") | {"method.name": now["method"]["name"]}
-    differ = [
-        f"{k} is {was.get(k)!r} there, {want.get(k)!r} here"
-        for k in sorted(was.keys() | want.keys())
-        if was.get(k) != want.get(k)
-    ]
-    if differ:
-        raise ConfigError(
-            f"checkpoint.resume: {step_dir} was written by another model ({'; '.join(differ)}); "
-            "use a new run.output_dir or checkpoint.resume=none"
-        )
+        return store.newest_intact(say) or (None, None)
+    return find_state(cfg.checkpoint.resume, say)
 
 
 def _all_gather_objects(obj: Any, world_size: int) -> list[Any]:
@@ -282,21 +271,26 @@ class Throughput:
 
 
 def train(cfg: Config) -> TrainResult:
-    """Run (or resume) the whole training described by `cfg`; returns when done or preempted."""
-    from pipeline.data import build_loader
+    """Run (or resume) the whole training described by `cfg`; returns when done or preempted. Rank 0
+    holds the run folder's lock throughout: a second training into the same run.output_dir is refused."""
     from pipeline.distributed import init_from_env
+
+    env = init_from_env(cfg.train.collective_timeout_s)
+    lock = lock_run_folder(cfg.run.output_dir, env.rank == 0, env.world_size)
+    try:
+        return _train(cfg, env)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, env: Any) -> TrainResult:
+    from pipeline.data import build_loader
     from pipeline.methods import build_method
     from pipeline.optim import build_schedule
 
-    env = init_from_env(cfg.train.collective_timeout_s)
     rank, world_size, device = env.rank, env.world_size, env.device
     is_main = rank == 0
     seed_everything(cfg.run.seed, cfg.run.deterministic)
-    if is_main:
-        import yaml
-
-        Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.run.output_dir) / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     # Data: batches per epoch per rank, and the step budget derived from it.
     loader = build_loader(
@@ -319,20 +313,33 @@ def train(cfg: Config) -> TrainResult:
     precision = build_precision(cfg, device)
     channels_last = device.type == "cuda" and cfg.train.channels_last
 
-    # Resume: model/optimizer through the engine, then where we were and the RNG streams.
+    # Resume: check the config against the checkpoint's (pipeline.engine.resume), model/optimizer
+    # through the engine, then where we were (in this run's batches) and the RNG streams.
     store = CheckpointStore(checkpoint_root(cfg), keep_last=cfg.checkpoint.keep_last)
     progress = Progress()
-    resume_dir = find_resume(cfg, store)
+    resume_dir, state = find_resume(cfg, store, warn=is_main)
     loader_state = None
+    step_offset = 0  # steps taken minus the schedule's position: non-zero after a global-batch change
     if resume_dir is not None:
-        state = read_object(f"{resume_dir}/{STATE_FILE}")
-        check_same_architecture(state["config"], cfg, resume_dir)
-        engine.load(resume_dir, state)
-        progress = Progress(**state["progress"])
+        changes = config_changes(state["config"], cfg, resume_dir)
+        progress = Progress.from_saved(state["progress"])
         loader_state = state["loader"][rank % len(state["loader"])]  # DALI reader state is per rank
+        point = resume_point(
+            progress.step, progress.epoch, loader_state, len(loader), accum, cfg.data.batch_size, world_size
+        )
+        progress.batches_in_epoch, step_offset = point.batches_in_epoch, point.step_offset
+        last_step = min(total_steps + step_offset, cfg.train.max_steps or total_steps + step_offset)
+        check_not_past_end(progress.step, last_step, cfg, resume_dir)
+        engine.load(resume_dir, state)
         set_rng_state(state["rng"][rank % len(state["rng"])])
         if progress.batches_in_epoch >= steps_per_epoch * accum:  # saved at an epoch end
             progress.epoch, progress.batches_in_epoch, loader_state = progress.epoch + 1, 0, None
+        if is_main:
+            for change in changes:
+                print(f"resume: {change}", flush=True)
+    check_checkpoint_dir(store, engine.module, world_size)
+    if is_main:
+        write_run_config(cfg.run.output_dir, to_dict(cfg), progress.step)
 
     logger = RunLogger(
         cfg,
@@ -344,7 +351,7 @@ def train(cfg: Config) -> TrainResult:
     )
     if is_main and resume_dir is not None:
         print(f"resumed from {resume_dir} at step {progress.step}", flush=True)
-    guard = BadStepGuard(cfg.train.max_bad_steps, total_bad=progress.bad_steps)
+    guard = BadStepGuard(cfg.train.max_bad_steps, total_bad=progress.bad_steps, last_checkpoint=resume_dir)
     stop = StopRequest().install()
     last_checkpoint: str | None = resume_dir
 
@@ -364,7 +371,8 @@ def train(cfg: Config) -> TrainResult:
                 "wandb_run_id": progress.wandb_run_id,
             }
         engine.save(store, progress.step, state)
-        return f"{store.root}/step-{progress.step:08d}"
+        guard.last_checkpoint = f"{store.root}/step-{progress.step:08d}"
+        return guard.last_checkpoint
 
     saved_step = progress.step if resume_dir is not None else -1
     ctx = StepContext(device, precision, channels_last, accum, world_size, total_steps)
@@ -381,8 +389,8 @@ def train(cfg: Config) -> TrainResult:
             engine.module.train()
             while progress.batches_in_epoch + accum <= steps_per_epoch * accum and progress.step < last_step:
                 t0 = time.perf_counter()
-                sched = schedule.apply(engine.optimizer, progress.step)  # lr, weight_decay, momentum
-                result = train_step(engine, batches, ctx, progress.step, stop.requested)
+                sched = schedule.apply(engine.optimizer, progress.step - step_offset)  # lr, wd, momentum
+                result = train_step(engine, batches, ctx, progress.step - step_offset, stop.requested)
                 progress.step += 1
                 progress.batches_in_epoch += accum
                 guard.record(result.finite)

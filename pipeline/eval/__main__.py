@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -228,14 +229,32 @@ def cmd_report(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 2 the checkpoint is missing or damaged (a folder of checkpoints falls back to
+    its newest intact step), or --out is not writable: one line, before any work."""
+    from pipeline.engine.checkpoint import CheckpointError
+
     args = _parser().parse_args(argv)
-    {
-        "knn": cmd_knn,
-        "linear": cmd_linear,
-        "finetune": cmd_finetune,
-        "embed": cmd_embed,
-        "report": cmd_report,
-    }[args.command](args)
+    try:
+        out = _out_dir(args)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=out).close()
+        except OSError as e:
+            print(
+                f"pipeline.eval: --out {out} is not writable ({e.strerror}); choose another --out",
+                file=sys.stderr,
+            )
+            return 2
+        {
+            "knn": cmd_knn,
+            "linear": cmd_linear,
+            "finetune": cmd_finetune,
+            "embed": cmd_embed,
+            "report": cmd_report,
+        }[args.command](args)
+    except CheckpointError as e:
+        print(f"pipeline.eval: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
