@@ -1,10 +1,12 @@
 """`python -m data_prep {shard,verify}`: the command line. Exit codes: 0 ok, 1 damage found or a worker
-died (re-run to resume), 2 bad input (missing SRC, unwritable OUT, bad credentials, bad flag), 130
-interrupted."""
+died (re-run to resume), 2 bad input (missing SRC, OUT inside SRC, unwritable OUT, bad credentials, bad
+flag, SRC or OUT lost mid-run: re-run to resume), 130 interrupted (SIGINT or SIGTERM: workers stopped,
+temp files removed, finished shards kept)."""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from data_prep.shard import OutputError, ShardConfig, WorkerDied, shard
@@ -79,10 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends the run like Ctrl-C: workers stopped, temp files removed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     progress = sys.stderr.isatty()
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.command == "shard":
             try:
@@ -118,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,12 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import fsspec
@@ -32,11 +34,12 @@ from tqdm import tqdm
 from data_prep.image import Rejected, check_image
 from data_prep.index import format_index
 from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, join, write_atomic, write_manifest
-from data_prep.sources import Listing, Reader, SourceError, SourceSpec, list_source
+from data_prep.sources import Listing, Reader, SourceError, SourceSpec, list_source, redact
 from data_prep.tarwriter import TarWriter
 
 PROGRESS_DIR = ".data_prep-progress"
 KEY_DIGITS = 8
+TEMP_PATTERNS = ("*.tmp", "*.tmp-*")  # a shard being written, an index/record being renamed into place
 
 
 class OutputError(Exception):
@@ -138,12 +141,14 @@ def make_tasks(listing: Listing, cfg: ShardConfig, out: str, staging: str) -> li
     for split, samples in plan(listing, cfg):
         for i, start in enumerate(range(0, len(samples), cfg.samples_per_shard)):
             chunks.append((split, f"{split}-{i:06d}", tuple(samples[start : start + cfg.samples_per_shard])))
-    fingerprint = {
+    fingerprint = {  # redacted: a presigned URL's signature changes with each signing, not the data
         "format": FORMAT_VERSION,
-        "spec": asdict(listing.spec),
+        "spec": [listing.spec.kind, redact(listing.spec.url)],
         "classes": listing.classes,
         "resize_short": cfg.resize_short,
-        "shards": [[stem, [asdict(s) for s in samples]] for _, stem, samples in chunks],
+        "shards": [
+            [stem, [[s.key, redact(s.ref), s.path, s.label] for s in samples]] for _, stem, samples in chunks
+        ],
     }
     plan_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
     return [
@@ -193,7 +198,7 @@ def write_shard(task: ShardTask, reader: Reader | None = None) -> dict:
         for sample, data in zip(task.samples, payloads, strict=True):
             try:
                 if isinstance(data, Exception):
-                    raise Rejected(f"unreadable: {type(data).__name__}: {data}")
+                    raise Rejected(redact(f"unreadable: {type(data).__name__}: {data}"))
                 image = check_image(data, task.resize_short)
             except Rejected as e:
                 rejected.append({"path": sample.path, "reason": str(e)})
@@ -210,21 +215,48 @@ def write_shard(task: ShardTask, reader: Reader | None = None) -> dict:
                 index[-1].append((extension, tar.add(name, payload), len(payload), name))
         tar.close()
     entry = {"name": task.name, "index": task.index_name, "samples": len(index), "bytes": 0, "sha256": ""}
-    if not index:  # every image of this shard was rejected: publish nothing for it
-        os.remove(tmp)
-    else:
-        entry.update(bytes=os.path.getsize(tmp), sha256=digest.hexdigest())
-        index_text = format_index(index)
-        shard_path, index_path = join(root, task.name), join(root, task.index_name)
-        write_atomic(fs, index_path, index_text.encode())
-        if local:
-            os.replace(tmp, shard_path)
-        else:
-            fs.put_file(tmp, shard_path)
-            os.remove(tmp)
     record = {"plan": task.plan_id, "split": task.split, "shard": entry, "rejected": rejected}
-    write_atomic(fs, join(root, f"{PROGRESS_DIR}/{task.name}.json"), json.dumps(record).encode())
+    try:
+        if not index:  # every image of this shard was rejected: publish nothing for it
+            os.remove(tmp)
+        else:
+            entry.update(bytes=os.path.getsize(tmp), sha256=digest.hexdigest())
+            index_text = format_index(index)
+            shard_path, index_path = join(root, task.name), join(root, task.index_name)
+            write_atomic(fs, index_path, index_text.encode())
+            if local:
+                os.replace(tmp, shard_path)
+            else:
+                fs.put_file(tmp, shard_path)
+                os.remove(tmp)
+        write_atomic(fs, join(root, f"{PROGRESS_DIR}/{task.name}.json"), json.dumps(record).encode())
+    except Exception as e:  # OUT went away (a lost object store, a full disk): one line, resumable
+        line = f"lost output {task.out} while writing {task.name}: {type(e).__name__}: {e}".splitlines()[0]
+        raise OutputError(redact(line) + "; finished shards are kept, re-run to resume") from None
     return record
+
+
+def _check_not_own_output(src: str, out: str) -> None:
+    """Refuse SRC folders that hold OUT, or that are themselves a data_prep output: a second run would
+    read the shards as images (losing their labels) and overwrite them."""
+    src_fs, src_path = url_to_fs(src)
+    out_fs, out_path = url_to_fs(out)
+    if isinstance(src_fs, LocalFileSystem):
+        src_path, out_path = os.path.realpath(src_path), os.path.realpath(out_path)
+    src_path, out_path = src_path.rstrip("/"), out_path.rstrip("/")
+    same_store = type(src_fs) is type(out_fs)
+    if same_store and (out_path == src_path or out_path.startswith(src_path + "/")):
+        raise SourceError(
+            f"OUT {redact(out)} is inside SRC {redact(src)}: a re-run would read its own shards as images; "
+            "choose an OUT outside SRC"
+        )
+    if src_fs.isdir(src_path) and any(
+        src_fs.exists(join(src_path, name)) for name in (MANIFEST_NAME, PROGRESS_DIR)
+    ):
+        raise SourceError(
+            f"SRC {redact(src)} is a data_prep output (it holds {MANIFEST_NAME} or {PROGRESS_DIR}); "
+            "shard the original images, or use the shards as they are"
+        )
 
 
 def _prepare_output(out: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -239,7 +271,8 @@ def _prepare_output(out: str) -> tuple[fsspec.AbstractFileSystem, str]:
         fs.rm_file(probe)
         return fs, root
     except Exception as e:
-        raise OutputError(f"cannot write output {out}: {type(e).__name__}: {e}".splitlines()[0]) from None
+        line = f"cannot write output {out}: {type(e).__name__}: {e}".splitlines()[0]
+        raise OutputError(redact(line)) from None
 
 
 def _previous_manifest(fs: fsspec.AbstractFileSystem, root: str, plan_id: str) -> dict | None:
@@ -276,6 +309,35 @@ def _finished(fs: fsspec.AbstractFileSystem, root: str, tasks: list[ShardTask]) 
     return done
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Pool initializer: a worker must not outlive the run, even when the parent is SIGKILLed
+    (Linux: PR_SET_PDEATHSIG; elsewhere the parent's own shutdown still ends its workers)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+def _stop_workers() -> None:
+    """Interrupted: end the pool's workers now instead of letting them finish their shards."""
+    for process in multiprocessing.active_children():
+        process.terminate()
+    for process in multiprocessing.active_children():
+        process.join(timeout=10)
+
+
+def _remove_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Temp files of an interrupted or killed run (never part of a published shard)."""
+    if isinstance(fs, LocalFileSystem):
+        for folder in (root, os.path.join(root, PROGRESS_DIR)):
+            for pattern in TEMP_PATTERNS:
+                for leftover in glob.glob(os.path.join(glob.escape(folder), pattern)):
+                    os.remove(leftover)
+
+
 def _run_tasks(tasks: list[ShardTask], workers: int, on_done: Callable[[ShardTask, dict], None]) -> None:
     if not tasks:
         return
@@ -289,7 +351,8 @@ def _run_tasks(tasks: list[ShardTask], workers: int, on_done: Callable[[ShardTas
         return
     # spawn, not fork: the parent may hold s3fs event-loop threads that a forked child would inherit
     ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as pool:
+    pool_args = {"mp_context": ctx, "initializer": _die_with_parent, "initargs": (os.getpid(),)}
+    with cf.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), **pool_args) as pool:
         futures = {pool.submit(write_shard, t): t for t in tasks}
         try:
             for future in cf.as_completed(futures):
@@ -298,6 +361,7 @@ def _run_tasks(tasks: list[ShardTask], workers: int, on_done: Callable[[ShardTas
             raise WorkerDied(str(e)) from None
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
+            _stop_workers()
             raise
 
 
@@ -306,7 +370,8 @@ def shard(src: str, out: str, cfg: ShardConfig, progress: bool = False) -> Summa
     start = time.perf_counter()
     listing = list_source(src, cfg.labels)
     if not listing.items:
-        raise SourceError(f"no files found in source {src}")
+        raise SourceError(f"no files found in source {redact(src)}")
+    _check_not_own_output(src, out)
     fs, root = _prepare_output(out)
     staging = tempfile.mkdtemp(prefix="data_prep-")
     try:
@@ -328,14 +393,15 @@ def shard(src: str, out: str, cfg: ShardConfig, progress: bool = False) -> Summa
                 bar.update(len(task.samples))
 
             _run_tasks(todo, cfg.workers, on_done)
+    except BaseException:  # interrupted, a worker died, OUT or SRC lost: finished shards stay
+        _remove_temporaries(fs, root)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     manifest = _manifest(src, cfg, listing, tasks, records)
     write_manifest(out, manifest)
+    _remove_temporaries(fs, root)  # also those of a run killed earlier (SIGKILL leaves them)
     fs.rm(join(root, PROGRESS_DIR), recursive=True)
-    if isinstance(fs, LocalFileSystem):  # temp files of workers killed in an earlier run
-        for leftover in glob.glob(os.path.join(glob.escape(root), "*.tmp")):
-            os.remove(leftover)
     n_shards = sum(len(s["shards"]) for s in manifest["splits"].values())
     seconds = time.perf_counter() - start
     return Summary(manifest["total_samples"], written_now, n_shards, len(manifest["rejected"]), seconds, out)
@@ -354,7 +420,7 @@ def _manifest(src: str, cfg: ShardConfig, listing: Listing, tasks: list[ShardTas
     return {
         "format": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "source": src,
+        "source": redact(src),
         "seed": cfg.seed,
         "plan": tasks[0].plan_id,
         "options": {

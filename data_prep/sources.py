@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import tarfile
 import zipfile
 from dataclasses import dataclass
@@ -19,13 +20,30 @@ Kind = Literal["files", "tar", "zip"]
 
 
 class SourceError(Exception):
-    """SRC cannot be used at all (missing, unreadable, bad credentials): one line for the user."""
+    """SRC cannot be used (missing, unreadable, bad credentials, lost mid-run): one line for the user."""
+
+
+_QUERY = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^\s?#'\"]*)[?#][^\s'\"]*")
+
+
+def redact(text: str) -> str:
+    """`text` with the query string and fragment of every URL in it removed: presigned URLs carry
+    credentials there (X-Amz-Signature, X-Amz-Credential, tokens), which must not reach shards,
+    the manifest or a log line."""
+    return _QUERY.sub(r"\1", text)
+
+
+def connection_lost(error: BaseException) -> bool:
+    """A failure of the connection, not of the item (the store went away): the run stops instead of
+    rejecting every remaining image. Matched by class name across botocore, aiohttp and the stdlib."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return bool(names & {"ConnectionError", "ClientConnectionError", "TimeoutError"})
 
 
 @dataclass(frozen=True)
 class Item:
-    ref: str  # files: a local path or URL; archives: the member name
-    path: str  # what the sample's .json records: relative to SRC for folders and archives
+    ref: str  # files: a local path or URL (with its query: presigned URLs need it); archives: the member
+    path: str  # what the sample's .json records: relative to SRC for folders and archives; URLs redacted
     label: str | None  # class name
 
 
@@ -86,7 +104,9 @@ def _list_text(fs: fsspec.AbstractFileSystem, path: str, src: str, labels: str) 
     try:
         text = fs.cat_file(path).decode()
     except UnicodeDecodeError:
-        raise SourceError(f"source {src} is neither a folder, a tar/zip archive nor a text list") from None
+        raise SourceError(
+            f"source {redact(src)} is neither a folder, a tar/zip archive nor a text list"
+        ) from None
     local = isinstance(fs, LocalFileSystem)
     base = os.path.dirname(os.path.abspath(path)) if local else posixpath.dirname(fs.unstrip_protocol(path))
     entries = []
@@ -100,7 +120,7 @@ def _list_text(fs: fsspec.AbstractFileSystem, path: str, src: str, labels: str) 
         entries.append((ref, label.strip() or None))
     labelled = labels == "auto" and bool(entries) and all(label for _, label in entries)
     items = sorted(
-        (Item(ref, ref, label if labelled else None) for ref, label in entries), key=lambda i: i.ref
+        (Item(ref, redact(ref), label if labelled else None) for ref, label in entries), key=lambda i: i.ref
     )
     return Listing(SourceSpec("files", src), items, sorted({i.label for i in items if i.label}))
 
@@ -110,7 +130,7 @@ def list_source(src: str, labels: str = "auto") -> Listing:
     try:
         fs, path = url_to_fs(src)
         if not fs.exists(path):
-            raise SourceError(f"source not found: {src}")
+            raise SourceError(f"source not found: {redact(src)}")
         if fs.isdir(path):
             return _list_folder(fs, path, src, labels)
         with fs.open(path, "rb") as f:
@@ -129,7 +149,9 @@ def list_source(src: str, labels: str = "auto") -> Listing:
     except SourceError:
         raise
     except Exception as e:  # credentials, permissions, network: the library's own words, on one line
-        raise SourceError(f"cannot read source {src}: {type(e).__name__}: {e}".splitlines()[0]) from None
+        raise SourceError(
+            redact(f"cannot read source {src}: {type(e).__name__}: {e}".splitlines()[0])
+        ) from None
 
 
 class Reader:
@@ -175,7 +197,13 @@ class Reader:
         if remote:  # one concurrent batch per shard: object stores reward many requests in flight
             fs, _ = url_to_fs(remote[0])
             by_path = fs.cat([fs._strip_protocol(r) for r in remote], on_error="return")
-            fetched = {r: by_path[fs._strip_protocol(r)] for r in remote}
+            for r in remote:  # HTTP leaves a missing URL out of the result
+                fetched[r] = by_path.get(fs._strip_protocol(r), FileNotFoundError("no such URL"))
+                if isinstance(fetched[r], Exception) and connection_lost(fetched[r]):
+                    line = f"lost the source while reading {r}: {type(fetched[r]).__name__}: {fetched[r]}"
+                    raise SourceError(
+                        redact(line.splitlines()[0]) + "; finished shards are kept, re-run to resume"
+                    )
         return [fetched[r] if r in fetched else _read_local(r) for r in refs]
 
 
