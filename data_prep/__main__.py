@@ -9,7 +9,7 @@ import argparse
 import signal
 import sys
 
-from data_prep.shard import OutputError, ShardConfig, WorkerDied, shard
+from data_prep.shard import OutputError, ShardConfig, WorkerDied, quiet_abandoned_tasks, shard
 from data_prep.sources import SourceError
 from data_prep.verify import ManifestError, verify
 
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     progress = sys.stderr.isatty()
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    quiet_abandoned_tasks()
     try:
         if args.command == "shard":
             try:

@@ -14,6 +14,7 @@ import datetime
 import glob
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import random
@@ -309,9 +310,21 @@ def _finished(fs: fsspec.AbstractFileSystem, root: str, tasks: list[ShardTask]) 
     return done
 
 
-def _die_with_parent(parent_pid: int) -> None:
+class _AbandonedTasks(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Task exception was never retrieved")
+
+
+def quiet_abandoned_tasks() -> None:
+    """A store lost mid-request leaves aiohttp tasks behind; asyncio logs each one (a dozen lines of
+    traceback) when it is collected, burying the one line that says what happened."""
+    logging.getLogger("asyncio").addFilter(_AbandonedTasks())
+
+
+def _worker_init(parent_pid: int) -> None:
     """Pool initializer: a worker must not outlive the run, even when the parent is SIGKILLed
     (Linux: PR_SET_PDEATHSIG; elsewhere the parent's own shutdown still ends its workers)."""
+    quiet_abandoned_tasks()
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -351,7 +364,7 @@ def _run_tasks(tasks: list[ShardTask], workers: int, on_done: Callable[[ShardTas
         return
     # spawn, not fork: the parent may hold s3fs event-loop threads that a forked child would inherit
     ctx = multiprocessing.get_context("spawn")
-    pool_args = {"mp_context": ctx, "initializer": _die_with_parent, "initargs": (os.getpid(),)}
+    pool_args = {"mp_context": ctx, "initializer": _worker_init, "initargs": (os.getpid(),)}
     with cf.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), **pool_args) as pool:
         futures = {pool.submit(write_shard, t): t for t in tasks}
         try:
