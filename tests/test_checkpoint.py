@@ -9,7 +9,7 @@ import fsspec
 import pytest
 import torch
 
-from pipeline.engine.checkpoint import CheckpointStore, find_step_dir, read_object, step_name
+from pipeline.engine.checkpoint import CheckpointError, CheckpointStore, find_step_dir, read_object, step_name
 
 
 def _state(step: int) -> dict:
@@ -34,12 +34,22 @@ def _exercise(root: str) -> None:
     assert store.newest() == f"{root}/{step_name(3)}"
     assert find_step_dir(root) == f"{root}/{step_name(3)}"
     assert find_step_dir(f"{root}/{step_name(2)}/state.pt") == f"{root}/{step_name(2)}"
+    # `latest` naming a deleted step (removed by hand, or a store that lost it): resume uses what is there.
+    fs.rm(f"{path}/step-00000003", recursive=True)
+    assert fs.cat(f"{path}/latest").decode().strip() == "step-00000003"
+    step_dir, state = store.newest_intact()
+    assert step_dir == f"{root}/{step_name(2)}" and state["step"] == 2
+    # A damaged state.pt (its checksum no longer matches) is named and skipped.
+    fs.pipe_file(f"{path}/step-00000002/state.pt", fs.cat(f"{path}/step-00000002/state.pt")[:-1] + b"!")
+    warnings: list[str] = []
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint under .* step-00000002 is damaged"):
+        store.newest_intact(warnings.append)
 
 
 def test_local_store(tmp_path: Path) -> None:
     root = str(tmp_path / "run" / "checkpoints")
     _exercise(root)
-    assert find_step_dir(str(tmp_path / "run")) == f"{root}/step-00000003"  # a run dir works too
+    assert find_step_dir(str(tmp_path / "run")) == f"{root}/step-00000002"  # a run dir works too
     leftovers = [p.name for p in Path(root).iterdir() if p.name.startswith(".")]
     assert leftovers == []  # no temporaries left behind
 

@@ -56,8 +56,8 @@ class CheckpointError(RuntimeError):
     the path and the way out; the commands exit 2."""
 
 
-def _oserror_line(e: OSError) -> str:
-    name = errno.errorcode.get(e.errno, "") if e.errno else ""
+def _oserror_line(e: Exception) -> str:
+    name = errno.errorcode.get(e.errno, "") if getattr(e, "errno", None) else ""
     return f"{name}: {e.strerror}" if name and e.strerror else f"{type(e).__name__}: {e}".splitlines()[0]
 
 
@@ -81,6 +81,13 @@ class CheckpointStore:
             entries = self.fs.ls(self._path, detail=False)
         except FileNotFoundError:
             return []
+        except Exception as e:  # an unreachable object store, bad credentials
+            if self.local and not isinstance(e, OSError):
+                raise
+            raise CheckpointError(
+                f"cannot list checkpoints in {self.root} ({_oserror_line(e)}); check the store and its "
+                "credentials, or set checkpoint.dir elsewhere"
+            ) from None
         steps = []
         for entry in entries:
             match = _STEP_RE.match(entry.rstrip("/").rsplit("/", 1)[-1])
@@ -123,7 +130,7 @@ class CheckpointStore:
             self.fs.pipe_file(probe, b"probe")
             self.fs.rm_file(probe)
         except Exception as e:  # OSError locally; botocore / aiohttp errors from object stores
-            line = _oserror_line(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}".splitlines()[0]
+            line = _oserror_line(e)
             raise CheckpointError(
                 f"checkpoint.dir {self.root} is not writable ({line}); fix its permissions or credentials, "
                 "or set checkpoint.dir to a writable location"
@@ -163,7 +170,9 @@ class CheckpointStore:
                     self.fs.pipe_file(_join(remote, STATE_FILE), data)
                 shutil.rmtree(staging, ignore_errors=True)
             self._write_latest(step_name(step))
-        except OSError as e:  # ENOSPC, EROFS, EACCES, a lost object store: name the place, leave no temp
+        except Exception as e:  # ENOSPC, EROFS, EACCES; a lost object store (botocore, aiohttp errors)
+            if self.local and not isinstance(e, OSError):
+                raise
             shutil.rmtree(staging, ignore_errors=True)
             raise CheckpointError(
                 f"cannot write checkpoint {final}: {_oserror_line(e)}; free space or point checkpoint.dir "
