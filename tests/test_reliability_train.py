@@ -251,3 +251,16 @@ def test_wandb_online_with_a_bad_key_and_no_network_fails_fast(
     assert last.startswith("error: logging.wandb.mode=online: W&B did not start") and "offline" in last
     assert "Traceback" not in proc.stderr
     assert not [r for r in _rows(out) if "loss" in r]  # before the first step
+
+
+def test_eval_and_export_refuse_an_unwritable_out_before_any_work(tmp_path: Path, capsys):
+    from pipeline.eval.__main__ import main as eval_main
+    from pipeline.export import main as export_main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    missing = str(tmp_path / "no-run")  # never opened: --out is checked first
+    assert eval_main(["knn", "--checkpoint", missing, "--out", str(blocker / "eval")]) == 2
+    assert f"--out {blocker / 'eval'} is not writable (Not a directory)" in _last_err_line(capsys)
+    assert export_main(["--checkpoint", missing, "--out", str(blocker / "r.pt")]) == 2
+    assert f"--out {blocker / 'r.pt'} is not writable (File exists)" in _last_err_line(capsys)

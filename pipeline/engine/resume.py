@@ -60,9 +60,10 @@ def saved_config(saved: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str, 
     version did), keys removed since are dropped and returned by name."""
     if saved.get("method", {}).get("name") != now["method"]["name"]:
         return saved, []  # another method: refused by name below
-    dropped = sorted(set(_flat(saved)) - set(_flat(now)))
+    known = _known_only(saved, now)
+    dropped = sorted(set(_flat(saved)) - set(_flat(known)))
     try:
-        return to_dict(from_dict(_known_only(saved, now))), dropped
+        return to_dict(from_dict(known)), dropped
     except ConfigError:  # a value an older version accepted and this one does not: compare as saved
         return saved, dropped
 
