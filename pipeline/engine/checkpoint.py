@@ -126,7 +126,8 @@ class CheckpointStore:
         room for one checkpoint of `need_bytes`. Raises CheckpointError naming the root."""
         probe = _join(self._path, f".write-probe-{uuid.uuid4().hex[:8]}")
         try:
-            self.fs.makedirs(self._path, exist_ok=True)
+            if self.local:  # object stores have no folders (and makedirs would create a missing bucket)
+                self.fs.makedirs(self._path, exist_ok=True)
             self.fs.pipe_file(probe, b"probe")
             self.fs.rm_file(probe)
         except Exception as e:  # OSError locally; botocore / aiohttp errors from object stores
