@@ -84,7 +84,7 @@ def test_resume_refuses_keys_that_change_what_is_learned_and_a_finished_schedule
 
     assert _train_here([*common, "method.temperature=0.5"]) == 2
     line = _last_err_line(capsys)
-    assert "method.temperature is 0.2 there, 0.5 here" in line and "checkpoint.resume=none" in line
+    assert "method.temperature is 0.2 there, 0.5 here" in line and "a new run.output_dir" in line
     assert _train_here([*common, "train.max_steps=2"]) == 2  # was: exit 0 having done nothing
     line = _last_err_line(capsys)
     assert "is at step 4, past this run's end at step 2" in line and "raise train.epochs" in line

@@ -80,8 +80,7 @@ def config_changes(saved: dict[str, Any], cfg: Config, step_dir: str) -> list[st
     if refused:
         raise ConfigError(
             f"checkpoint.resume: {step_dir} was written by another model or recipe ({'; '.join(refused)}); "
-            "these keys cannot change within a run: restore them, or start a new run with a new "
-            "run.output_dir or checkpoint.resume=none"
+            "these keys cannot change within a run: restore them, or start a new run in a new run.output_dir"
         )
     return [f"{k}: {was.get(k)!r} -> {want.get(k)!r}" for k in differ] + [
         f"{k}: no longer a config key, ignored" for k in dropped
@@ -118,5 +117,5 @@ def check_not_past_end(step: int, last_step: int, cfg: Config, step_dir: str) ->
         raise ConfigError(
             f"checkpoint.resume: {step_dir} is at step {step}, past this run's end at step {last_step} "
             f"(train.epochs={cfg.train.epochs}, train.max_steps={cfg.train.max_steps}); raise train.epochs "
-            "or train.max_steps, or start a new run with checkpoint.resume=none"
+            "or train.max_steps, or start a new run in a new run.output_dir"
         )
