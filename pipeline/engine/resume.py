@@ -96,9 +96,14 @@ class ResumePoint:
 
 
 def resume_point(
-    step: int, epoch: int, loader_state: dict[str, Any], batches_per_epoch: int, accum: int, batch_size: int,
+    step: int,
+    epoch: int,
+    loader_state: dict[str, Any],
+    batches_per_epoch: int,
+    accum: int,
+    batch_size: int,
     world_size: int,
-) -> ResumePoint:  # fmt: skip
+) -> ResumePoint:
     """Convert the saved loader position (counted in global samples) to this run's batches, and the
     optimizer-step counter to the schedule's position, so that neither the loader nor the schedule
     repeats or skips more than one batch when data.batch_size or the world size changed."""
