@@ -242,7 +242,7 @@ def test_wandb_online_with_a_bad_key_and_no_network_fails_fast(
 ):
     out = tmp_path / "run"
     cmd = _train_cmd(_overrides(sample_shards, sample_val_shards, out, "logging.wandb.mode=online"))
-    env = _env(WANDB_INIT_TIMEOUT="3", WANDB_DIR=str(tmp_path))
+    env = _env(WANDB_INIT_TIMEOUT="1", WANDB_DIR=str(tmp_path))
     env["WANDB_API_KEY"] = uuid.uuid4().hex + "00000000"  # 40 characters, not a real key
     env["WANDB_BASE_URL"] = "http://127.0.0.1:9"  # nothing listens on the discard port: no network
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
