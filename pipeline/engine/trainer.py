@@ -26,7 +26,7 @@ from pipeline.config import Config, ConfigError, to_dict
 from pipeline.engine.checkpoint import STATE_FILE, CheckpointStore, find_step_dir, read_object
 from pipeline.engine.health import BadStepGuard
 from pipeline.engine.logger import RunLogger, new_run_id
-from pipeline.engine.preemption import StopRequest
+from pipeline.engine.preemption import PEER_SIGNAL, StopRequest, resume_reason
 
 
 class Engine(Protocol):
@@ -323,7 +323,7 @@ def train(cfg: Config) -> TrainResult:
     store = CheckpointStore(checkpoint_root(cfg), keep_last=cfg.checkpoint.keep_last)
     progress = Progress()
     resume_dir = find_resume(cfg, store)
-    loader_state = None
+    loader_state, state = None, {}
     if resume_dir is not None:
         state = read_object(f"{resume_dir}/{STATE_FILE}")
         check_same_architecture(state["config"], cfg, resume_dir)
@@ -343,7 +343,7 @@ def train(cfg: Config) -> TrainResult:
         config_dict=to_dict(cfg),
     )
     if is_main and resume_dir is not None:
-        print(f"resumed from {resume_dir} at step {progress.step}", flush=True)
+        print(f"resumed from {resume_dir} at step {progress.step} ({resume_reason(state)})", flush=True)
     guard = BadStepGuard(cfg.train.max_bad_steps, total_bad=progress.bad_steps)
     stop = StopRequest().install()
     last_checkpoint: str | None = resume_dir
@@ -362,6 +362,7 @@ def train(cfg: Config) -> TrainResult:
                 "rng": rngs,
                 "config": to_dict(cfg),
                 "wandb_run_id": progress.wandb_run_id,
+                "stopped_by": stopped_by,
             }
         engine.save(store, progress.step, state)
         return f"{store.root}/step-{progress.step:08d}"
@@ -387,7 +388,7 @@ def train(cfg: Config) -> TrainResult:
                 progress.batches_in_epoch += accum
                 guard.record(result.finite)
                 if result.stop:
-                    stopped_by = stop.signal_name or "signal"  # another rank got it
+                    stopped_by = stop.signal_name or PEER_SIGNAL
                 meter.add(time.perf_counter() - t0, result.data_wait_s)
 
                 if progress.step % cfg.logging.every_steps == 0 or progress.step == last_step:
