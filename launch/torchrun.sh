@@ -75,6 +75,11 @@ TRAIN_MODULE=${TRAIN_MODULE:-pipeline.train}
 TORCHRUN=${TORCHRUN:-torchrun}
 RESTART_WINDOW=${RESTART_WINDOW:-3600}
 RESTART_BACKOFF=${RESTART_BACKOFF:-30}
+if [[ -n "${JOB_COMPLETION_INDEX:-}" ]]; then
+	# a pod of an Indexed Job: pod 0, whose DNS name is RDZV_ENDPOINT, hosts the rendezvous store, and no
+	# other pod tries to (guessing from host names can pick two hosts when pods share a node)
+	RDZV_CONF+=",is_host=$([[ "$JOB_COMPLETION_INDEX" == 0 ]] && echo true || echo false)"
+fi
 
 # torchrun's own --max-restarts stays 0: its in-place re-rendezvous of surviving agents with a replacement
 # node proved unreliable, so this script restarts the whole torchrun instead (a fresh rendezvous round)
