@@ -131,6 +131,9 @@ trap 'forward INT' INT
 wait_child() {
 	local status=0
 	while true; do
+		if [[ $backing_off -eq 1 && "$caught" != 0 ]]; then
+			kill "$child" 2>/dev/null || true # the signal came before this sleep started
+		fi
 		wait "$child" && status=0 || status=$?
 		# `wait` also returns when a trapped signal arrives; only a finished child ends the loop
 		kill -0 "$child" 2>/dev/null || break
