@@ -10,6 +10,7 @@ import copy
 import io
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -200,7 +201,7 @@ def test_cli_rejects_bad_arguments(argv: list[str], message: str, capsys: pytest
         ["--env", "PROXY=http://me:hunter2hunter2@proxy:3128"],
     ],
 )
-def test_credentials_are_never_written(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_credentials_are_never_written(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture):
     """A credential on the command line is refused before anything is written (the manifest would hold it
     in plain text, and its header the command line); the message names the Secret-based way instead."""
     target = tmp_path / "job.yaml"
@@ -212,8 +213,8 @@ def test_credentials_are_never_written(argv: list[str], tmp_path: Path, capsys: 
 
 
 def test_secret_env_references_a_secret() -> None:
-    argv = ["--nodes", "2", "--secret-env", "AWS_SECRET_ACCESS_KEY=s3-creds", "--secret-env", "HF_TOKEN=hf:token"]
-    text, docs = render([*BASE, *argv])
+    secrets = ["--secret-env", "AWS_SECRET_ACCESS_KEY=s3-creds", "--secret-env", "HF_TOKEN=hf:token"]
+    _, docs = render([*BASE, "--nodes", "2", *secrets])
     (main,) = docs[-1]["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in main["env"]}
     assert env["AWS_SECRET_ACCESS_KEY"] == {
@@ -267,7 +268,7 @@ def pod_command(doc: dict[str, Any], first_pod_host: str) -> tuple[list[str], di
     return [*command, *main["args"]], env
 
 
-STEPS = 40  # under one epoch (62 steps of 2 x 16 images): no epoch-end work between the kills
+STEPS = 24  # under one epoch (125 steps of 2 x 8 images): no epoch-end work between the incidents
 
 
 def two_pod_argv(shards: Path, out: Path) -> list[str]:
@@ -278,7 +279,7 @@ def two_pod_argv(shards: Path, out: Path) -> list[str]:
         "--env", "RESTART_BACKOFF=1",
         "--set", f"data.train_shards={shards}", "--set", f"run.output_dir={out}",
         "--set", "logging.progress_bar=false", "--set", f"train.max_steps={STEPS}",
-        "--set", "checkpoint.every_steps=2", "--set", "run.deterministic=true",
+        "--set", "data.batch_size=8", "--set", "checkpoint.every_steps=2", "--set", "run.deterministic=true",
     ]  # fmt: skip
 
 
@@ -380,13 +381,14 @@ def test_rendered_indexed_job_trains_on_two_local_pods(uninterrupted_run: tuple[
 
 
 @pytest.mark.slow
-def test_indexed_job_heals_after_losing_a_pod_then_the_rendezvous_host(
+def test_indexed_job_heals_after_a_drain_then_losing_the_rendezvous_host(
     uninterrupted_run: tuple[Path, str], sample_shards: Path, tmp_path: Path
 ) -> None:
-    """Kill pod 1's process tree after the first checkpoint, start its replacement; once training is past
-    the resume, kill pod 0 (it hosts the rendezvous store) and replace it too. The surviving pod's
-    launcher restarts its trainers each time, the job finishes on both pods, and every step's loss equals
-    the uninterrupted run's: the same model, data order and RNG streams from each checkpoint on."""
+    """Drain pod 1 (the kubelet's SIGTERM: every rank checkpoints, the pod exits 143) and start its
+    replacement; once training is past the resume, kill pod 0's process tree (it hosts the rendezvous
+    store) and replace it too. The surviving pod's launcher restarts its trainers each time, the job
+    finishes on both pods, and every step's loss equals the uninterrupted run's: the same model, data
+    order and RNG streams from each checkpoint on."""
     out = tmp_path / "run"
     _, (_, job) = render(two_pod_argv(sample_shards, out))
     pods = LocalPods(job, tmp_path)
@@ -394,11 +396,12 @@ def test_indexed_job_heals_after_losing_a_pod_then_the_rendezvous_host(
         pods.start(0)
         pods.start(1)
         _wait_until(lambda: _checkpoint_step(out) >= 2, pods)
-        pods.kill(1)
+        pods.pods[1].send_signal(signal.SIGTERM)
+        assert pods.pods[1].wait(timeout=120) == 143, pods.output()[-6000:]
+        drained_at = _checkpoint_step(out)
         pods.start(1)
         _wait_until(lambda: pods.output().count("resumed from") == 1, pods)
-        resumed_at = _checkpoint_step(out)
-        _wait_until(lambda: _checkpoint_step(out) > resumed_at, pods)
+        _wait_until(lambda: _checkpoint_step(out) > drained_at, pods)
         pods.kill(0)
         pods.start(0)
         codes = pods.wait(timeout=240)
@@ -406,9 +409,13 @@ def test_indexed_job_heals_after_losing_a_pod_then_the_rendezvous_host(
         pods.close()
     log = pods.output()
     assert codes == [0, 0], log[-6000:]
-    assert log.count("resumed from") == 2, log[-6000:]
+    resumes = re.findall(r"resumed from \S+/step-(\d+) at step (\d+) \((.*)\)", log)
+    assert len(resumes) == 2, log[-6000:]
+    (drain_dir, drain_step, drain_why), (_, kill_step, kill_why) = resumes
+    assert int(drain_dir) == int(drain_step) == drained_at and drain_why.startswith("stopped by ")
+    assert drained_at < int(kill_step) < STEPS
+    assert kill_why.startswith("the run before ended without a stop checkpoint")
     assert log.count("a trainer exited 138 (a rank on another node was stopped or lost)") == 2
-    assert "the run before ended without a stop checkpoint" in log  # the reason, on rank 0
 
     expected, got = _step_losses(uninterrupted_run[0]), _step_losses(out)
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))

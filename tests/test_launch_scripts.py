@@ -141,7 +141,8 @@ def test_restarts_are_budgeted_and_backed_off(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 138, proc.stderr
     assert "restart 1 of 2 in 3600s after: torchrun exited 1 without a trainer error" in proc.stderr
-    assert "restart 2 of 2" in proc.stderr and "2 restarts within 3600s (MAX_RESTARTS): giving up" in proc.stderr
+    assert "restart 2 of 2" in proc.stderr
+    assert "2 restarts within 3600s (MAX_RESTARTS): giving up, exit 138" in proc.stderr
     assert "starting again in 1s" in proc.stderr and "starting again in 2s" in proc.stderr
 
 
@@ -208,19 +209,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_slurm_batch_checkpoints_and_requeues_on_sigterm(sample_shards: Path, tmp_path: Path) -> None:
+def _slurm_env(tmp_path: Path, **extra: str) -> tuple[Path, dict[str, str]]:
+    """SLURM's commands as stubs in front of PATH, and the variables a 2-node batch job sees."""
     stubs = tmp_path / "slurm-bin"
     stubs.mkdir()
     for name, body in {"srun": SRUN, "scontrol": SCONTROL, "scancel": SCANCEL}.items():
         (stubs / name).write_text(body)
         (stubs / name).chmod(0o755)
-    out = tmp_path / "run"
     env = _env(
         STUB_DIR=str(stubs), SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="node[0-1]",
-        SLURM_SUBMIT_DIR=str(ROOT), RDZV_PORT=str(_free_port()), MAX_RESTARTS="0",
+        SLURM_SUBMIT_DIR=str(ROOT), RDZV_PORT=str(_free_port()), MAX_RESTARTS="0", **extra,
     )  # fmt: skip
     env["PATH"] = f"{stubs}:{env['PATH']}"
+    return stubs, env
+
+
+@pytest.mark.parametrize(("restart_count", "requeued"), [("0", True), ("3", False)])
+def test_slurm_batch_requeues_when_a_launcher_gives_up(tmp_path: Path, restart_count: str, requeued: bool):
+    """Each node's launcher exits 138 (its rendezvous never forms and MAX_RESTARTS=0): the batch script
+    puts the job back in the queue, unless it was requeued MAX_REQUEUES (3) times already."""
+    stubs, env = _slurm_env(tmp_path, TORCHRUN="false", SLURM_RESTART_COUNT=restart_count)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch" / "slurm.sbatch"), "--config", "configs/debug.yaml"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if requeued:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert (stubs / "requeued").read_text() == "requeue 4242\n"
+        assert "gave up restarting (exit 138): requeue 0 of 3" in proc.stdout
+    else:
+        assert proc.returncode == 138 and not (stubs / "requeued").exists()
+
+
+@pytest.mark.slow
+def test_slurm_batch_checkpoints_and_requeues_on_sigterm(sample_shards: Path, tmp_path: Path) -> None:
+    stubs, env = _slurm_env(tmp_path)
+    out = tmp_path / "run"
     # long enough to be interrupted: SIGTERM goes in once the first checkpoint exists
     args = _train_args(sample_shards, out, "train.max_steps=200", "checkpoint.every_steps=2")
     batch = subprocess.Popen(

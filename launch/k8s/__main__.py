@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="VAR=SECRET[:KEY]",
-        help="environment variable from a key of a Secret (key defaults to VAR), e.g. HF_TOKEN=hf (repeatable)",
+        help="variable from a key of a Secret (the key defaults to VAR), e.g. HF_TOKEN=hf (repeatable)",
     )
     r.add_argument("--gpu-resource", default="nvidia.com/gpu")
     r.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
