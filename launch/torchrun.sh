@@ -23,7 +23,8 @@ environment (default):
   TRAIN_MODULE    the Python module torchrun runs                                (pipeline.train)
   TORCHRUN        the torchrun executable                                        (torchrun)
 Under the Kubeflow training operator the PET_NNODES, PET_NPROC_PER_NODE, PET_RDZV_ENDPOINT and
-PET_MAX_RESTARTS it sets are the defaults.
+PET_MAX_RESTARTS it sets are the defaults. In a pod of an Indexed Job (JOB_COMPLETION_INDEX set) pod 0
+hosts the rendezvous store.
 
 Exit status: 0 when the run finished; 128+signal after SIGTERM/SIGINT, which go straight to the trainer
 processes (they checkpoint and exit; torchrun alone would kill them after 30 s); a trainer's own error
@@ -31,6 +32,8 @@ code (1 crashed or diverged, 2 bad config) without a restart. When a trainer exi
 node was stopped or lost) or torchrun fails without a trainer error (rendezvous, a killed trainer), the
 whole torchrun starts again after RESTART_BACKOFF and meets the other nodes in a fresh rendezvous; the
 trainers resume from the newest checkpoint. Past the budget it exits 138, retryable for a scheduler.
+Each trainer reports its code in \$EXIT_STATUS_DIR/rank-N (pipeline.train does; a TRAIN_MODULE of your
+own must too, or its finished run reads as a failed start).
 
 examples:
   NPROC_PER_NODE=8 launch/torchrun.sh --config configs/cifar10_simclr.yaml data.train_shards=/data/shards

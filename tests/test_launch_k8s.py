@@ -296,8 +296,10 @@ class LocalPods:
     def start(self, index: int) -> None:
         self.starts += 1
         log = (self.logs / f"pod{index}-{self.starts}.log").open("w")
+        # TMPDIR: a killed launcher's temporary folder goes away with the test's
+        env = {**self.env, "JOB_COMPLETION_INDEX": str(index), "TMPDIR": str(self.logs)}
         self.pods[index] = subprocess.Popen(
-            self.cmd, cwd=ROOT, env={**self.env, "JOB_COMPLETION_INDEX": str(index)},
+            self.cmd, cwd=ROOT, env=env,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
