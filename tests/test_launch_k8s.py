@@ -417,7 +417,7 @@ def test_indexed_job_heals_after_a_drain_then_losing_the_rendezvous_host(
     assert int(drain_dir) == int(drain_step) == drained_at and drain_why.startswith("stopped by ")
     assert drained_at < int(kill_step) < STEPS
     assert kill_why.startswith("the run before ended without a stop checkpoint")
-    assert log.count("a trainer exited 138 (a rank on another node was stopped or lost)") == 2
+    assert log.count("a trainer exited 138 (a rank on another node was stopped or lost); starting again") == 2
 
     expected, got = _step_losses(uninterrupted_run[0]), _step_losses(out)
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
