@@ -2,9 +2,11 @@
 
 The same command runs under `torchrun` (it reads RANK/WORLD_SIZE/LOCAL_RANK; world size 1 without them).
 The config is validated before anything starts: a mistake is one line naming the key, exit code 2.
-Exit codes: 0 done or preempted with a checkpoint saved; 1 the loss diverged or an unexpected error (a
-traceback); 2 refused, in one line naming the key or path: a config mistake, a resume that would change
-what the run learns, an unwritable, full or damaged checkpoint location, a run folder in use.
+Exit codes: 0 done or stopped by its own signal with a checkpoint saved; 1 the loss diverged or an
+unexpected error (a traceback); 2 refused, in one line naming the key or path: a config mistake, a
+resume that would change what the run learns, an unwritable, full or damaged checkpoint location, a
+run folder in use; 138 stopped because another rank was signalled or lost: restart the job
+(pipeline/engine/preemption.py).
 """
 
 from __future__ import annotations
@@ -44,13 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.engine.checkpoint import CheckpointError
     from pipeline.engine.health import TrainingDiverged
     from pipeline.engine.logger import LoggingError
+    from pipeline.engine.preemption import EXIT_RESTART, PEER_SIGNAL, lost_a_peer
     from pipeline.engine.runlock import RunFolderBusy
     from pipeline.engine.trainer import train
 
     completed = False
     try:
-        train(cfg)
+        result = train(cfg)
         completed = True
+        if result.stopped_by == PEER_SIGNAL:
+            return EXIT_RESTART
     except ConfigError as e:  # found while building (e.g. no manifest.json at data.train_shards)
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -60,13 +65,27 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if not lost_a_peer(e):
+            raise
+        print(f"error: lost a peer rank, exit {EXIT_RESTART} to restart the job: {e}", file=sys.stderr)
+        return EXIT_RESTART
     finally:
         leave_process_group(completed=completed)
     return 0
 
 
 if __name__ == "__main__":
-    status = main()
+    from pipeline.engine.preemption import write_exit_status
+
+    status = 1  # an exception escaped: a crash, not a reason to restart
+    try:
+        status = main()
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        status = e.code if isinstance(e.code, int) else 1
+        raise
+    finally:
+        write_exit_status(status)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from pipeline.distributed import exit_rank
 

@@ -10,11 +10,13 @@ import copy
 import io
 import json
 import os
+import re
 import shlex
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +121,13 @@ def test_indexed_job_wiring() -> None:
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 4
     assert job["spec"]["backoffLimit"] == 5 * 4
     assert pod["restartPolicy"] == "Never"  # required by podFailurePolicy
-    assert job["spec"]["podFailurePolicy"]["rules"][0]["onPodConditions"][0]["type"] == "DisruptionTarget"
+    ignore, fail = job["spec"]["podFailurePolicy"]["rules"]
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    # launch/torchrun.sh's retryable exits replace the pod; any other (1 a crash, 2 a bad config) fails
+    assert fail == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": main["name"], "operator": "NotIn", "values": [130, 137, 138, 143]},
+    }
     _check_pod(pod, main, env)
 
 
@@ -170,11 +178,52 @@ def _check_pod(pod: dict, main: dict, env: dict) -> None:
         (["--nodes", "2", "--shm-size", "lots"], "--shm-size"),
         (["--nodes", "2", "--grace-period", "5"], "--grace-period"),
         (["--nodes", "2", "--set", "no_equals"], "--set"),
+        # the trainer's own config check: unknown keys and bad values fail here, not in the pods
+        (["--nodes", "2", "--set", "optim.lrr=0.1"], "unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
+        (["--nodes", "2", "--set", "optim.lr=fast"], "optim.lr must be a number"),
+        (["--nodes", "2", "--config", "configs/nope.yaml"], "--config configs/nope.yaml: no such file"),
+        (["--nodes", "2", "--secret-env", "TOKEN=Bad_Secret"], "--secret-env"),
     ],
 )
 def test_cli_rejects_bad_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     assert k8s_main(["render", *BASE, *argv]) == 2
-    assert message in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.err.count("\n") == 1 and captured.out == ""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--env", "AWS_SECRET_ACCESS_KEY=hunter2hunter2"],
+        ["--env", "HF_TOKEN=hunter2hunter2"],
+        ["--env", "WANDB_API_KEY=hunter2hunter2"],
+        ["--set", "data.train_shards=https://b.s3.example.com/s?X-Amz-Signature=hunter2hunter2"],
+        ["--env", "PROXY=http://me:hunter2hunter2@proxy:3128"],
+    ],
+)
+def test_credentials_are_never_written(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture):
+    """A credential on the command line is refused before anything is written (the manifest would hold it
+    in plain text, and its header the command line); the message names the Secret-based way instead."""
+    target = tmp_path / "job.yaml"
+    assert k8s_main(["render", *BASE, "--nodes", "2", *argv, "-o", str(target)]) == 2
+    captured = capsys.readouterr()
+    assert not target.exists() and captured.out == "" and captured.err.count("\n") == 1
+    assert "hunter2" not in captured.err
+    assert "Secret" in captured.err or "--secret-env" in captured.err
+
+
+def test_secret_env_references_a_secret() -> None:
+    secrets = ["--secret-env", "AWS_SECRET_ACCESS_KEY=s3-creds", "--secret-env", "HF_TOKEN=hf:token"]
+    _, docs = render([*BASE, "--nodes", "2", *secrets])
+    (main,) = docs[-1]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in main["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"] == {
+        "name": "AWS_SECRET_ACCESS_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}},
+    }
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
+    for doc in docs:
+        validate(doc, K8S_VERSIONS[-1])
 
 
 def test_examples_are_current_and_valid() -> None:
@@ -219,34 +268,160 @@ def pod_command(doc: dict[str, Any], first_pod_host: str) -> tuple[list[str], di
     return [*command, *main["args"]], env
 
 
-@pytest.mark.slow
-def test_rendered_indexed_job_trains_on_two_local_pods(sample_shards: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    argv = [
+STEPS = 24  # under one epoch (125 steps of 2 x 8 images): no epoch-end work between the incidents
+
+
+def two_pod_argv(shards: Path, out: Path) -> list[str]:
+    return [
         "--kind", "indexed-job", "--nodes", "2", "--gpus-per-node", "1", "--name", "ssl-test",
         "--image", "unused:0", "--config", "configs/debug.yaml", "--rdzv-port", str(_free_port()),
-        "--max-restarts", "0", "--wandb-secret", "wandb", "--env", "WANDB_MODE=disabled",
-        "--set", f"data.train_shards={sample_shards}", "--set", f"run.output_dir={out}",
-        "--set", "logging.progress_bar=false", "--set", "train.max_steps=2",
+        "--max-restarts", "3", "--wandb-secret", "wandb", "--env", "WANDB_MODE=disabled",
+        "--env", "RESTART_BACKOFF=1",
+        "--set", f"data.train_shards={shards}", "--set", f"run.output_dir={out}",
+        "--set", "logging.progress_bar=false", "--set", f"train.max_steps={STEPS}",
+        "--set", "data.batch_size=8", "--set", "checkpoint.every_steps=2", "--set", "run.deterministic=true",
     ]  # fmt: skip
-    _, (_, job) = render(argv)
-    cmd, env = pod_command(job, "ssl-test-0.ssl-test")
-    assert env["RDZV_ENDPOINT"].startswith("127.0.0.1:") and env["NNODES"] == "2"
-    pods = [
-        subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,  # a process group per pod: a failed test leaves no trainer behind
-        )
-        for _ in range(2)
-    ]  # fmt: skip
-    try:
-        logs = [pod.communicate(timeout=240)[0] for pod in pods]
-    finally:
-        for pod in pods:
+
+
+class LocalPods:
+    """The pods of one rendered Indexed Job as process trees on this machine. Like the Job controller, a
+    pod's replacement runs the same command with the same environment and index (JOB_COMPLETION_INDEX)."""
+
+    def __init__(self, job: dict[str, Any], logs: Path) -> None:
+        self.cmd, self.env = pod_command(job, "ssl-test-0.ssl-test")
+        self.logs = logs
+        self.pods: dict[int, subprocess.Popen] = {}
+        self.starts = 0
+
+    def start(self, index: int) -> None:
+        self.starts += 1
+        log = (self.logs / f"pod{index}-{self.starts}.log").open("w")
+        # TMPDIR: a killed launcher's temporary folder goes away with the test's
+        env = {**self.env, "JOB_COMPLETION_INDEX": str(index), "TMPDIR": str(self.logs)}
+        self.pods[index] = subprocess.Popen(
+            self.cmd, cwd=ROOT, env=env,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    def kill(self, index: int) -> None:
+        """SIGKILL the pod's whole process tree (torchrun starts each trainer in a session of its own)."""
+        for pid in _process_tree(self.pods[index].pid):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pod.pid, signal.SIGKILL)
-    assert [p.returncode for p in pods] == [0, 0], "\n".join(log[-4000:] for log in logs)
-    assert "--nnodes=2 --rdzv-backend=c10d" in logs[0]
+                os.kill(pid, signal.SIGKILL)
+        self.pods[index].wait()
+
+    def wait(self, timeout: float) -> list[int]:
+        deadline = time.monotonic() + timeout
+        return [p.wait(timeout=max(deadline - time.monotonic(), 1)) for _, p in sorted(self.pods.items())]
+
+    def output(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text()}" for p in sorted(self.logs.glob("pod*.log")))
+
+    def close(self) -> None:
+        for index in self.pods:
+            self.kill(index)
+
+
+def _process_tree(root: int) -> list[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    tree = [root]
+    for pid in tree:
+        tree += [child for child, parent in parents.items() if parent == pid]
+    return tree
+
+
+def _step_losses(out: Path) -> dict[int, list[float]]:
+    """Every loss logged for each step: a step redone after a resume is logged again."""
+    losses: dict[int, list[float]] = {}
+    for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
+        if "loss" in row:
+            losses.setdefault(row["step"], []).append(row["loss"])
+    return losses
+
+
+def _checkpoint_step(out: Path) -> int:
+    latest = out / "checkpoints" / "latest"
+    return int(latest.read_text().strip().removeprefix("step-")) if latest.is_file() else -1
+
+
+def _wait_until(predicate: Any, pods: LocalPods, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert all(p.poll() is None for p in pods.pods.values()), pods.output()[-6000:]
+        assert time.monotonic() < deadline, f"timed out\n{pods.output()[-6000:]}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(sample_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The rendered Indexed Job's pod command on two local pods, pod 0's DNS name -> 127.0.0.1."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    _, (_, job) = render(two_pod_argv(sample_shards, tmp / "run"))
+    pods = LocalPods(job, tmp)
+    assert pods.env["RDZV_ENDPOINT"].startswith("127.0.0.1:") and pods.env["NNODES"] == "2"
+    try:
+        pods.start(0)
+        pods.start(1)
+        codes = pods.wait(timeout=240)
+    finally:
+        pods.close()
+    assert codes == [0, 0], pods.output()[-6000:]
+    return tmp / "run", pods.output()
+
+
+@pytest.mark.slow
+def test_rendered_indexed_job_trains_on_two_local_pods(uninterrupted_run: tuple[Path, str]) -> None:
+    out, log = uninterrupted_run
+    assert "--nnodes=2 --rdzv-backend=c10d" in log and "is_host=true" in log
     row = next(r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r)
     assert round(row["images_per_s"] / row["images_per_s_per_gpu"]) == 2  # both pods trained together
-    assert (out / "checkpoints" / "latest").is_file()
+    assert _checkpoint_step(out) == STEPS
+    assert "resumed from" not in log and "launch/torchrun.sh restart" not in log
+
+
+@pytest.mark.slow
+def test_indexed_job_heals_after_a_drain_then_losing_the_rendezvous_host(
+    uninterrupted_run: tuple[Path, str], sample_shards: Path, tmp_path: Path
+) -> None:
+    """Drain pod 1 (the kubelet's SIGTERM: every rank checkpoints, the pod exits 143) and start its
+    replacement; once training is past the resume, kill pod 0's process tree (it hosts the rendezvous
+    store) and replace it too. The surviving pod's launcher restarts its trainers each time, the job
+    finishes on both pods, and every step's loss equals the uninterrupted run's: the same model, data
+    order and RNG streams from each checkpoint on."""
+    out = tmp_path / "run"
+    _, (_, job) = render(two_pod_argv(sample_shards, out))
+    pods = LocalPods(job, tmp_path)
+    try:
+        pods.start(0)
+        pods.start(1)
+        _wait_until(lambda: _checkpoint_step(out) >= 2, pods)
+        pods.pods[1].send_signal(signal.SIGTERM)
+        assert pods.pods[1].wait(timeout=120) == 143, pods.output()[-6000:]
+        drained_at = _checkpoint_step(out)
+        pods.start(1)
+        _wait_until(lambda: pods.output().count("resumed from") == 1, pods)
+        _wait_until(lambda: _checkpoint_step(out) > drained_at, pods)
+        pods.kill(0)
+        pods.start(0)
+        codes = pods.wait(timeout=240)
+    finally:
+        pods.close()
+    log = pods.output()
+    assert codes == [0, 0], log[-6000:]
+    resumes = re.findall(r"resumed from \S+/step-(\d+) at step (\d+) \((.*)\)", log)
+    assert len(resumes) == 2, log[-6000:]
+    (drain_dir, drain_step, drain_why), (_, kill_step, kill_why) = resumes
+    assert int(drain_dir) == int(drain_step) == drained_at and drain_why.startswith("stopped by ")
+    assert drained_at < int(kill_step) < STEPS
+    assert kill_why.startswith("the run before ended without a stop checkpoint")
+    assert log.count("a trainer exited 138 (a rank on another node was stopped or lost); starting again") == 2
+
+    expected, got = _step_losses(uninterrupted_run[0]), _step_losses(out)
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    for step, losses in got.items():
+        for loss in losses:
+            assert abs(loss - expected[step][0]) <= 1e-5, (step, losses, expected[step])
+    assert _checkpoint_step(out) == STEPS

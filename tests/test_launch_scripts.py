@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -79,7 +80,7 @@ def test_help_lists_every_setting_with_its_default() -> None:
     for name, default in [
         ("NNODES", "(1)"), ("NPROC_PER_NODE", "nvidia-smi"), ("RDZV_ENDPOINT", "--standalone"),
         ("RDZV_ID", "ssl-pretrain"), ("MAX_RESTARTS", "(3 with a rendezvous, 0 standalone)"),
-        ("TRAIN_MODULE", "(pipeline.train)"),
+        ("RESTART_WINDOW", "(3600)"), ("RESTART_BACKOFF", "(30)"), ("TRAIN_MODULE", "(pipeline.train)"),
     ]:  # fmt: skip
         line = next(line for line in proc.stdout.splitlines() if line.strip().startswith(name))
         assert default in line, line
@@ -96,7 +97,12 @@ def test_command_lines() -> None:
         "--nproc-per-node=8", "--nnodes=2:4", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400",
         "--rdzv-id=job7", "--rdzv-conf=join_timeout=900",
     ]  # fmt: skip
-    assert "--max-restarts=3" in multi.stdout.split()
+    assert "--max-restarts=0" in multi.stdout.split()  # the script restarts torchrun itself
+    # an Indexed Job's pod 0 hosts the rendezvous store, the other pods never do
+    pod0 = _dry_run(NNODES="2", RDZV_ENDPOINT="job-0.job:29400", JOB_COMPLETION_INDEX="0")
+    pod1 = _dry_run(NNODES="2", RDZV_ENDPOINT="job-0.job:29400", JOB_COMPLETION_INDEX="1")
+    assert "--rdzv-conf=join_timeout=900,is_host=true" in shlex.split(pod0.stdout)
+    assert "--rdzv-conf=join_timeout=900,is_host=false" in shlex.split(pod1.stdout)
     # the Kubeflow operator's PET_* variables are the defaults
     pet = _dry_run(PET_NNODES="1:3", PET_NPROC_PER_NODE="2", PET_RDZV_ENDPOINT="job-worker-0:29400")
     assert "--nnodes=1:3" in pet.stdout and "--rdzv-endpoint=job-worker-0:29400" in pet.stdout
@@ -122,6 +128,54 @@ def test_torchrun_sh_trains_with_two_processes(sample_shards: Path, tmp_path: Pa
     assert "--nproc-per-node=2 --standalone" in proc.stderr
     assert world_size_of(out) == 2
     assert (out / "checkpoints" / "latest").is_file()
+
+
+def test_restarts_are_budgeted_and_backed_off(tmp_path: Path) -> None:
+    """A torchrun that fails before any trainer reports (a rendezvous that cannot form) is started again
+    MAX_RESTARTS times, with a growing pause, then the script gives up with the retryable exit 138."""
+    proc = subprocess.run(
+        [str(TORCHRUN_SH), "--config", "c.yaml"],
+        env=_env(NNODES="2", RDZV_ENDPOINT="127.0.0.1:9", MAX_RESTARTS="2", RESTART_BACKOFF="1",
+                 TORCHRUN="false"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 138, proc.stderr
+    assert "restart 1 of 2 in 3600s after: torchrun exited 1 without a trainer error" in proc.stderr
+    assert "restart 2 of 2" in proc.stderr
+    assert "2 restarts within 3600s (MAX_RESTARTS): giving up, exit 138" in proc.stderr
+    assert "starting again in 1s" in proc.stderr and "starting again in 2s" in proc.stderr
+
+
+def test_sigterm_during_back_off_exits_at_once(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [str(TORCHRUN_SH), "--config", "c.yaml"],
+        env=_env(NNODES="2", RDZV_ENDPOINT="127.0.0.1:9", RESTART_BACKOFF="300", TORCHRUN="false"),
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = ""
+        while "starting again in 300s" not in line:
+            line = proc.stderr.readline()
+            assert line, "no restart announced"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 143
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_bad_config_is_not_restarted(tmp_path: Path) -> None:
+    """A trainer's own error (2: the config) ends the script with that code, without a restart loop."""
+    proc = subprocess.run(
+        [str(TORCHRUN_SH), "--config", "configs/debug.yaml", "optim.lr=fast"],
+        cwd=ROOT, env=_env(NNODES="1", RDZV_ENDPOINT=f"127.0.0.1:{_free_port()}", MAX_RESTARTS="3"),
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "config error: optim.lr must be a number" in proc.stderr
+    assert "a trainer exited 2: not restarting" in proc.stderr
+    assert proc.stderr.count("launch/torchrun.sh: torchrun") == 1
 
 
 SRUN = """#!/usr/bin/env bash
@@ -155,19 +209,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_slurm_batch_checkpoints_and_requeues_on_sigterm(sample_shards: Path, tmp_path: Path) -> None:
+def _slurm_env(tmp_path: Path, **extra: str) -> tuple[Path, dict[str, str]]:
+    """SLURM's commands as stubs in front of PATH, and the variables a 2-node batch job sees."""
     stubs = tmp_path / "slurm-bin"
     stubs.mkdir()
     for name, body in {"srun": SRUN, "scontrol": SCONTROL, "scancel": SCANCEL}.items():
         (stubs / name).write_text(body)
         (stubs / name).chmod(0o755)
-    out = tmp_path / "run"
     env = _env(
         STUB_DIR=str(stubs), SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="node[0-1]",
-        SLURM_SUBMIT_DIR=str(ROOT), RDZV_PORT=str(_free_port()), MAX_RESTARTS="0",
+        SLURM_SUBMIT_DIR=str(ROOT), RDZV_PORT=str(_free_port()), MAX_RESTARTS="0", **extra,
     )  # fmt: skip
     env["PATH"] = f"{stubs}:{env['PATH']}"
+    return stubs, env
+
+
+@pytest.mark.parametrize(("restart_count", "requeued"), [("0", True), ("3", False)])
+def test_slurm_batch_requeues_when_a_launcher_gives_up(tmp_path: Path, restart_count: str, requeued: bool):
+    """Each node's launcher exits 138 (its rendezvous never forms and MAX_RESTARTS=0): the batch script
+    puts the job back in the queue, unless it was requeued MAX_REQUEUES (3) times already."""
+    stubs, env = _slurm_env(tmp_path, TORCHRUN="false", SLURM_RESTART_COUNT=restart_count)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch" / "slurm.sbatch"), "--config", "configs/debug.yaml"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if requeued:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert (stubs / "requeued").read_text() == "requeue 4242\n"
+        assert "gave up restarting (exit 138): requeue 0 of 3" in proc.stdout
+    else:
+        assert proc.returncode == 138 and not (stubs / "requeued").exists()
+
+
+@pytest.mark.slow
+def test_slurm_batch_checkpoints_and_requeues_on_sigterm(sample_shards: Path, tmp_path: Path) -> None:
+    stubs, env = _slurm_env(tmp_path)
+    out = tmp_path / "run"
     # long enough to be interrupted: SIGTERM goes in once the first checkpoint exists
     args = _train_args(sample_shards, out, "train.max_steps=200", "checkpoint.every_steps=2")
     batch = subprocess.Popen(

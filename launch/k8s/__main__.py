@@ -14,7 +14,10 @@ from typing import Any
 import yaml
 
 from launch.k8s import indexed_job, pytorchjob
-from launch.k8s.spec import LaunchSpec, Toleration, parse_nodes, parse_pair
+from launch.k8s.spec import LaunchSpec, Toleration, parse_nodes, parse_pair, parse_secret_env
+from pipeline.config import ConfigError, load
+
+REPO = Path(__file__).resolve().parents[2]  # the image's working directory holds this checkout
 
 KINDS = {"indexed-job": indexed_job.render, "pytorchjob": pytorchjob.render}
 
@@ -61,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--name", default="ssl-pretrain", help="job name, also the pods' DNS prefix")
     r.add_argument("--namespace", default="default")
-    r.add_argument("--max-restarts", type=int, default=3, help="torchrun restarts; also sizes the backoff")
+    r.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        help="restarts of a pod's trainers within an hour (MAX_RESTARTS); also sizes the Job's backoffLimit",
+    )
     r.add_argument("--rdzv-port", type=int, default=29400)
     r.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]")
@@ -89,7 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra environment, e.g. NCCL_SOCKET_IFNAME=eth0 (repeatable)",
+        help="extra environment, e.g. NCCL_SOCKET_IFNAME=eth0 (repeatable); never credentials",
+    )
+    r.add_argument(
+        "--secret-env",
+        action="append",
+        default=[],
+        metavar="VAR=SECRET[:KEY]",
+        help="variable from a key of a Secret (the key defaults to VAR), e.g. HF_TOKEN=hf (repeatable)",
     )
     r.add_argument("--gpu-resource", default="nvidia.com/gpu")
     r.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
@@ -120,8 +135,21 @@ def spec_from_args(args: argparse.Namespace) -> LaunchSpec:
         memory=args.memory,
         grace_period_s=args.grace_period,
         env=tuple(parse_pair(e, "--env") for e in args.env),
+        secret_env=tuple(parse_secret_env(e) for e in args.secret_env),
         gpu_resource=args.gpu_resource,
     )
+
+
+def check_trainer_config(spec: LaunchSpec) -> None:
+    """Load `--config` with the `--set` overrides the way `python -m pipeline.train` will in the pod, so
+    an unknown key or a bad value is refused here, not after the pods were scheduled."""
+    path = REPO / spec.config.removeprefix(f"{spec.workdir}/")
+    if not path.is_file():
+        raise ValueError(f"--config {spec.config}: no such file in {REPO}, from which the image is built")
+    try:
+        load(path, list(spec.overrides))
+    except ConfigError as e:
+        raise ValueError(f"--config/--set: {e}") from None
 
 
 def to_yaml(documents: list[dict[str, Any]], argv: list[str]) -> str:
@@ -147,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         spec = spec_from_args(args)
+        check_trainer_config(spec)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,10 @@ from launch.k8s.pod import container, labels, pod_spec, rendezvous_env
 from launch.k8s.spec import LaunchSpec
 
 DISRUPTED = {"type": "DisruptionTarget", "status": "True"}  # the pod was preempted, evicted or drained
+CONTAINER = "trainer"
+# launch/torchrun.sh's retryable exits (SIGINT, SIGKILL, past its restart budget, SIGTERM) replace the
+# pod and count against backoffLimit; any other exit fails the Job
+RETRYABLE = [130, 137, 138, 143]
 
 
 def first_pod_host(spec: LaunchSpec) -> str:
@@ -34,7 +38,7 @@ def render_service(spec: LaunchSpec) -> dict[str, Any]:
 
 
 def render_job(spec: LaunchSpec) -> dict[str, Any]:
-    main = container(spec, "trainer", rendezvous_env(spec, first_pod_host(spec)), "rdzv")
+    main = container(spec, CONTAINER, rendezvous_env(spec, first_pod_host(spec)), "rdzv")
     template_spec = {"subdomain": spec.name, "restartPolicy": "Never", **pod_spec(spec, main)}
     return {
         "apiVersion": "batch/v1",
@@ -44,11 +48,20 @@ def render_job(spec: LaunchSpec) -> dict[str, Any]:
             "completionMode": "Indexed",
             "completions": spec.max_nodes,
             "parallelism": spec.max_nodes,
-            # torchrun restarts the trainers inside a pod; a lost pod 0 (the rendezvous store) fails every
-            # pod at once, so each of max_restarts incidents may cost up to max_nodes pod failures
+            # launch/torchrun.sh restarts the trainers inside the surviving pods; a pod fails (and is
+            # replaced, after the Job's exponential back-off) only past that budget or when killed
             "backoffLimit": spec.max_restarts * spec.max_nodes,
-            # preemption, eviction and node drains replace the pod without spending that budget
-            "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [DISRUPTED]}]},
+            "podFailurePolicy": {
+                "rules": [
+                    # preemption, eviction, a drain or a lost node: replace the pod, spend no budget
+                    {"action": "Ignore", "onPodConditions": [DISRUPTED]},
+                    # a bad config (2) or a crash (1) fails again on any node: fail the Job at once
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {"containerName": CONTAINER, "operator": "NotIn", "values": RETRYABLE},
+                    },
+                ]
+            },
             "template": {"metadata": {"labels": labels(spec)}, "spec": template_spec},
         },
     }

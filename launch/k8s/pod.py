@@ -28,9 +28,12 @@ def rendezvous_env(spec: LaunchSpec, first_pod_host: str) -> dict[str, str]:
 def container(spec: LaunchSpec, name: str, env: dict[str, str], port_name: str) -> dict[str, Any]:
     """The trainer container; `--env` entries override the rendezvous variables of the same name."""
     variables: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in {**env, **dict(spec.env)}.items()]
+    secrets = list(spec.secret_env)
     if spec.wandb_secret:
-        ref = {"name": spec.wandb_secret, "key": spec.wandb_secret_key}
-        variables.append({"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": ref}})
+        secrets.insert(0, ("WANDB_API_KEY", spec.wandb_secret, spec.wandb_secret_key))
+    for variable, secret, key in secrets:
+        ref = {"name": secret, "key": key}
+        variables.append({"name": variable, "valueFrom": {"secretKeyRef": ref}})
     limits: dict[str, str] = {}
     if spec.gpus_per_node:
         limits[spec.gpu_resource] = str(spec.gpus_per_node)

@@ -1,8 +1,9 @@
 """Kubeflow training-operator PyTorchJob: the same pod, with the operator managing pods and services.
 
 Elastic jobs use only `Worker` replicas; the operator gives replica 0 the headless Service
-`{job}-worker-0`, the rendezvous host. `restartPolicy: ExitCode` recreates a pod that exited with
-128+signal (preempted: it checkpointed first) and fails the job on an ordinary error exit.
+`{job}-worker-0`, the rendezvous host. `restartPolicy: ExitCode` recreates a pod whose exit code the
+operator deems retryable (130, 137, 143: a signal; 138: launch/torchrun.sh past its restart budget) and
+fails the job on any other (1 a crash, 2 a bad config).
 """
 
 from __future__ import annotations

@@ -7,9 +7,16 @@ from dataclasses import dataclass
 
 # RFC 1123 label: the job name becomes pod hostnames and a Service name, so it must be a DNS label
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")  # a Secret's name
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+# names of variables that hold credentials: their values belong in a Secret, never in a manifest
+_CREDENTIAL_NAME = re.compile(
+    r"(^|_)(SECRET|TOKEN|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|CREDENTIALS?|PRIVATE_KEY)(_|$)", re.I
+)
+# credentials inside a value: presigned-URL query parameters, user:password@ in a URL
+_CREDENTIAL_VALUE = re.compile(r"X-Amz-(Signature|Credential|Security-Token)=|://[^/@\s:]+:[^/@\s]+@", re.I)
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class LaunchSpec:
     memory: str | None = None
     grace_period_s: int = 300  # SIGTERM -> checkpoint (to S3) -> exit must fit inside it
     env: tuple[tuple[str, str], ...] = ()  # extra environment: NCCL_SOCKET_IFNAME, NCCL_DEBUG, ...
+    secret_env: tuple[tuple[str, str, str], ...] = ()  # (variable, Secret name, key in the Secret)
     gpu_resource: str = "nvidia.com/gpu"
     workdir: str = "/app"  # the Dockerfile's WORKDIR
 
@@ -85,12 +93,26 @@ class LaunchSpec:
         for flag, quantity in (("--shm-size", self.shm_size), ("--cpu", self.cpu), ("--memory", self.memory)):
             if quantity is not None and not _QUANTITY.match(quantity):
                 raise ValueError(f"{flag} {quantity!r} is not a Kubernetes quantity (e.g. 64Gi, 500m)")
-        for name, _ in self.env:
+        for name, value in self.env:
             if not _ENV_NAME.match(name):
                 raise ValueError(f"--env {name!r} is not an environment variable name")
+            if _CREDENTIAL_NAME.search(name) or _CREDENTIAL_VALUE.search(value):
+                raise ValueError(
+                    f"--env {name}: its value would be written in plain text into the manifest; put it in "
+                    f"a Secret and pass --secret-env {name}=SECRET[:KEY] (or --s3-secret, --wandb-secret)"
+                )
+        for name, secret, key in self.secret_env:
+            if not _ENV_NAME.match(name) or not _DNS_SUBDOMAIN.match(secret) or not key:
+                raise ValueError(f"--secret-env {name}={secret}:{key}: expected VAR=SECRET[:KEY]")
         for override in self.overrides:
-            if "=" not in override:
+            key, eq, value = override.partition("=")
+            if not eq:
                 raise ValueError(f"--set {override!r}: expected key.sub=value")
+            if _CREDENTIAL_VALUE.search(value):
+                raise ValueError(
+                    f"--set {key}: the value holds a credential that would be written into the manifest; "
+                    "pass credentials through --s3-secret or --secret-env instead"
+                )
 
     @property
     def nnodes(self) -> str:
@@ -111,6 +133,13 @@ def parse_nodes(text: str) -> tuple[int, int]:
         return int(low), int(high or low)
     except ValueError:
         raise ValueError(f"--nodes {text!r}: expected N or MIN:MAX") from None
+
+
+def parse_secret_env(text: str) -> tuple[str, str, str]:
+    """`VAR=SECRET:KEY` -> (VAR, SECRET, KEY); the key defaults to the variable's name."""
+    name, secret = parse_pair(text, "--secret-env")
+    secret, _, key = secret.partition(":")
+    return name, secret, key or name
 
 
 def parse_pair(text: str, flag: str) -> tuple[str, str]:

@@ -27,7 +27,7 @@ from pipeline.config import Config, to_dict
 from pipeline.engine.checkpoint import CheckpointStore, find_state
 from pipeline.engine.health import BadStepGuard
 from pipeline.engine.logger import RunLogger, new_run_id
-from pipeline.engine.preemption import StopRequest
+from pipeline.engine.preemption import PEER_SIGNAL, StopRequest, resume_reason
 from pipeline.engine.preflight import check_checkpoint_dir, lock_run_folder, write_run_config
 from pipeline.engine.resume import check_not_past_end, config_changes, resume_point
 
@@ -350,7 +350,7 @@ def _train(cfg: Config, env: Any) -> TrainResult:
         config_dict=to_dict(cfg),
     )
     if is_main and resume_dir is not None:
-        print(f"resumed from {resume_dir} at step {progress.step}", flush=True)
+        print(f"resumed from {resume_dir} at step {progress.step} ({resume_reason(state)})", flush=True)
     guard = BadStepGuard(cfg.train.max_bad_steps, total_bad=progress.bad_steps, last_checkpoint=resume_dir)
     stop = StopRequest().install()
     last_checkpoint: str | None = resume_dir
@@ -369,6 +369,7 @@ def _train(cfg: Config, env: Any) -> TrainResult:
                 "rng": rngs,
                 "config": to_dict(cfg),
                 "wandb_run_id": progress.wandb_run_id,
+                "stopped_by": stopped_by,
             }
         engine.save(store, progress.step, state)
         guard.last_checkpoint = f"{store.root}/step-{progress.step:08d}"
@@ -395,7 +396,7 @@ def _train(cfg: Config, env: Any) -> TrainResult:
                 progress.batches_in_epoch += accum
                 guard.record(result.finite)
                 if result.stop:
-                    stopped_by = stop.signal_name or "signal"  # another rank got it
+                    stopped_by = stop.signal_name or PEER_SIGNAL
                 meter.add(time.perf_counter() - t0, result.data_wait_s)
 
                 if progress.step % cfg.logging.every_steps == 0 or progress.step == last_step:
