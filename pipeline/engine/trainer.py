@@ -456,17 +456,17 @@ def train(cfg: Config) -> TrainResult:
 def online_eval(
     cfg: Config, method: nn.Module, device: torch.device, progress: Progress, logger: RunLogger, is_main: bool
 ) -> dict[str, float]:
-    """Each `eval.every_epochs`: kNN top-1 on held-out labelled shards, embedding std, embedding map."""
+    """Each `eval.every_epochs`: kNN top-1 on held-out labelled shards, embedding std, embedding map.
+    Every rank extracts features for its share; rank 0 gets the metrics, the others an empty dict."""
     every = cfg.eval.every_epochs
     if not every or (progress.epoch + 1) % every != 0:
         return {}
-    result: dict[str, float] = {}
-    if is_main:
-        from pipeline.engine.online_eval import evaluate
+    from pipeline.engine.online_eval import evaluate
 
-        result = evaluate(cfg, method, device, Path(cfg.run.output_dir), progress.epoch)
-        if "embedding_map" in result:
-            logger.log_image("embedding_map", Path(result.pop("embedding_map")), progress.step)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    out_dir = Path(cfg.run.output_dir)
+    result = evaluate(cfg, method, device, out_dir, progress.epoch, rank=rank, world_size=world_size)
+    if is_main and "embedding_map" in result:
+        logger.log_image("embedding_map", Path(result.pop("embedding_map")), progress.step)
     return {k: v for k, v in result.items() if isinstance(v, float) and not math.isnan(v)}
