@@ -139,7 +139,9 @@ def imagenette_like_root(work: Path, count: int) -> Path:
 # ------------------------------------------------------------------------------------------ checks
 
 
-def forward_dtypes(engine_name: str, device: torch.device, steps: int = 1) -> tuple[set[torch.dtype], float]:
+def forward_dtypes(
+    engine_name: str, device: torch.device, steps: int = 1, precision: str = "bf16"
+) -> tuple[set[torch.dtype], float]:
     """Output dtypes of every conv/linear layer during real `train_step`s of the debug model under
     train.precision=bf16 with the given engine, and the last step's loss."""
     from torch import nn
@@ -149,9 +151,9 @@ def forward_dtypes(engine_name: str, device: torch.device, steps: int = 1) -> tu
     from pipeline.engine.trainer import StepContext, build_engine, build_precision, train_step
     from pipeline.methods import build_method
 
-    overrides = ["data.train_shards=unused", "run.output_dir=unused", f"train.engine={engine_name}",
-                 "train.precision=bf16", "train.deepspeed_config=configs/deepspeed/zero0.json"]  # fmt: skip
-    cfg = load(DEBUG_CONFIG, overrides)
+    engine_flags = [f"train.engine={engine_name}", "train.deepspeed_config=configs/deepspeed/zero0.json"]
+    overrides = ["data.train_shards=unused", "run.output_dir=unused", f"train.precision={precision}"]
+    cfg = load(DEBUG_CONFIG, [*overrides, *engine_flags])
     torch.manual_seed(0)
     engine = build_engine(cfg, build_method(cfg), device, cfg.data.batch_size)
     seen: set[torch.dtype] = set()
