@@ -5,7 +5,7 @@ Runs each check below, prints one JSON object per check as it finishes and a tab
 
   pytest-gpu      the test suite's `gpu`-marked tests
   bf16-ddp        a real train_step under bf16: every conv/linear output of the forward is bf16
-  bf16-deepspeed  the same under train.engine=deepspeed (its own autocast must not switch bf16 off)
+  bf16-deepspeed  the same under train.engine=deepspeed (bf16 from its `torch_autocast` section)
   ddp-nccl        `pipeline.train` under torchrun, NCCL, one rank per visible GPU (SyncBN with >= 2)
   syncbn          SyncBatchNorm's reduction path over NCCL equals BatchNorm, forward and gradients
   compile         train.compile=true: compiled train_steps agree with eager ones

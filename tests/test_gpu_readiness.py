@@ -37,12 +37,14 @@ def restored_environ():
     os.environ.update(saved)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU mode; a GPU machine runs `python -m bench gpu`")
 def test_bench_gpu_cpu_rows_prove_bf16_under_both_engines(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], restored_environ
 ) -> None:
     """The acceptance command in CPU mode: the bf16 rows run real train_steps under CPU autocast and fail
-    unless every conv/linear output is bf16 (DeepSpeed switched an outer autocast off before the
-    fix); every CUDA row says why it was skipped; exit 0; a JSON line per check and a table."""
+    unless every conv/linear output is bf16. Under DeepSpeed the autocast is DeepSpeed's own, from the
+    `torch_autocast` section (without it this row sees float32: the CUDA defect, where DeepSpeed turned
+    an outer autocast off); every CUDA row says why it was skipped; exit 0; JSON lines and a table."""
     assert bench_gpu(["--work", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     rows = {r["check"]: r for r in map(json.loads, (x for x in out.splitlines() if x.startswith("{")))}

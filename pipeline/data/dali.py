@@ -201,7 +201,7 @@ class DaliLoader:
             try:
                 outputs = pipe.run()
             except RuntimeError as e:
-                if "decoders" not in str(e) and "readers" not in str(e) or _is_device_error(e):
+                if ("decoders" not in str(e) and "readers" not in str(e)) or _is_device_error(e):
                     raise  # not about the data: no CPU re-decode of the split before reporting it
                 raise RuntimeError(
                     f"DALI failed reading {self.shards.root} (rank {self.rank}): {e}\n"

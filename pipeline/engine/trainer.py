@@ -72,9 +72,11 @@ def uses_bf16(cfg: Config, device: torch.device) -> bool:
 
 
 def build_precision(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast around the forward (fp32 master weights). Under DeepSpeed the engine re-enters
-    autocast itself from the `torch_autocast` section that `deepspeed_config` writes for the same dtype."""
-    if uses_bf16(cfg, device):
+    """bf16 autocast around the forward (fp32 master weights) under DDP. DeepSpeed enters the same
+    autocast itself, inside its forward, from the `torch_autocast` section that `deepspeed_config` writes;
+    an outer one would be switched off there on CUDA (deepspeed/runtime/torch_autocast.py), so there is
+    none: both devices take the same path."""
+    if uses_bf16(cfg, device) and cfg.train.engine != "deepspeed":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
