@@ -39,7 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = """examples:
-  python -m bench gpu                          # every check; about 5 minutes on one H100
+  python -m bench gpu                          # every check (meant to fit 8 minutes on one H100)
   python -m bench gpu --checks bf16-ddp bf16-deepspeed compile
 """
 DEBUG_CONFIG = str(ROOT / "configs" / "debug.yaml")
