@@ -201,17 +201,15 @@ def check_pytest_gpu(args: argparse.Namespace) -> tuple[str, dict]:
     return summary, {}
 
 
-def check_ddp_nccl(args: argparse.Namespace) -> tuple[str, dict]:
-    _need_cuda()
-    _need("webdataset", "webdataset")
-    gpus = min(torch.cuda.device_count(), 8)
+def _train_run(args: argparse.Namespace, name: str, nproc: int, *extra: str) -> list[float]:
+    """`pipeline.train` of the debug model for 5 steps under torchrun; the logged losses."""
     shards = synthetic_shards(args.work, "cifar-like", 4096, 32)
-    out = args.work / "ddp-run"
+    out = args.work / name
     shutil.rmtree(out, ignore_errors=True)  # a fresh metrics.jsonl
     overrides = [f"data.train_shards={shards}", f"run.output_dir={out}", "checkpoint.resume=none",
                  "train.max_steps=5", "train.precision=bf16", "logging.progress_bar=false",
-                 f"train.sync_bn={str(gpus >= 2).lower()}", "checkpoint.every_steps=5"]  # fmt: skip
-    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
+                 "checkpoint.every_steps=5", *extra]  # fmt: skip
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     proc = _python(*torchrun, "-m", "pipeline.train", "--config", DEBUG_CONFIG, *overrides, timeout=240)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun exited {proc.returncode}: {proc.stderr[-3000:]}")
@@ -219,6 +217,14 @@ def check_ddp_nccl(args: argparse.Namespace) -> tuple[str, dict]:
     losses = [r["loss"] for r in rows if "loss" in r]
     if len(losses) != 5 or any(x != x for x in losses):
         raise AssertionError(f"expected 5 finite losses, got {losses}")
+    return losses
+
+
+def check_ddp_nccl(args: argparse.Namespace) -> tuple[str, dict]:
+    _need_cuda()
+    _need("webdataset", "webdataset")
+    gpus = min(torch.cuda.device_count(), 8)
+    losses = _train_run(args, "ddp-run", gpus, f"train.sync_bn={str(gpus >= 2).lower()}")
     return f"{gpus} rank(s), NCCL, sync_bn={gpus >= 2}, losses {losses[0]:.3f} -> {losses[-1]:.3f}", {
         "world_size": gpus
     }
@@ -280,7 +286,12 @@ def check_compile(args: argparse.Namespace) -> tuple[str, dict]:
     eager, comp = losses[False], losses[True]
     if not all(abs(a - b) <= 0.05 * abs(a) for a, b in zip(eager, comp, strict=True)):
         raise AssertionError(f"compiled losses {comp} differ from eager {eager}")
-    return f"3 compiled steps, losses {comp[0]:.4f} -> {comp[-1]:.4f} (eager {eager[-1]:.4f})", {}
+    detail = f"ddp: 3 compiled steps, losses {comp[0]:.4f} -> {comp[-1]:.4f} (eager {eager[-1]:.4f})"
+    if importlib.util.find_spec("deepspeed") and importlib.util.find_spec("webdataset"):
+        ds = _train_run(args, "deepspeed-compile-run", 1, "train.engine=deepspeed", "train.compile=true",
+                        "train.deepspeed_config=configs/deepspeed/zero1.json", "optim.name=sgd")  # fmt: skip
+        detail += f"; deepspeed: 5 compiled steps, losses {ds[0]:.3f} -> {ds[-1]:.3f}"
+    return detail, {}
 
 
 def check_dali_mixed(args: argparse.Namespace) -> tuple[str, dict]:
