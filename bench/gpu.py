@@ -332,7 +332,8 @@ def check_loss(args: argparse.Namespace) -> tuple[str, dict]:
 
 def _step_ratio(args: argparse.Namespace, config: str, shards: Path, batch_size: int) -> tuple[str, dict]:
     argv = ["-m", "bench", "step", "--config", config, "--steps", "50", "--warmup", "10",
-            f"data.train_shards={shards}", "data.backend=dali", f"data.batch_size={batch_size}",
+            f"data.train_shards={shards}", "data.val_shards=null", "eval.every_epochs=0",
+            "data.backend=dali", f"data.batch_size={batch_size}",
             f"run.output_dir={args.work / 'bench-step'}"]  # fmt: skip
     proc = _python(*argv, timeout=300)
     rows = _json_lines(proc.stdout)
