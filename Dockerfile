@@ -17,9 +17,12 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH
 
 # procps: launch/torchrun.sh hands SIGTERM to the trainer processes with pkill -P
+# build-essential + python3-dev: train.compile=true; Triton compiles its kernel launcher with the system C
+# compiler against Python.h on first use, and the runtime base image has neither
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv procps ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential \
+        procps ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv \
     && groupadd --gid 10001 trainer \

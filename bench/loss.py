@@ -6,8 +6,9 @@ Variants, each a forward + backward of the loss w.r.t. two (pairs, dim) views:
   chunked  `info_nce(chunk_size=C)`: the same rows as blockwise log-sum-exp, recomputed in backward.
 With `--world W` > 1 the local and chunked rows measure one rank's share of a W-rank gathered batch
 (its 2N/W anchors against all 2N candidates; communication not included).
-Peak memory is the rise over the pre-call baseline: torch.cuda.max_memory_allocated on a GPU, the
-process's peak resident set (VmHWM, reset through /proc/self/clear_refs) on the CPU.
+Peak memory is the highest total of tensor bytes allocated above the pre-call level during one call:
+torch.cuda.max_memory_allocated after a reset on a GPU; on the CPU the same quantity from the profiler's
+record of every allocation and free (resident-set figures miss memory the allocator reuses).
 One JSON object per line.
 """
 
@@ -18,7 +19,6 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -73,33 +73,28 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
-            _return_large_blocks_to_the_os()
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-            self._base = _proc_status_kib("VmHWM") * 1024
+            from torch.profiler import ProfilerActivity, profile
+
+            self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profile.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
-        else:
-            self.peak_bytes = _proc_status_kib("VmHWM") * 1024 - self._base
-
-
-def _return_large_blocks_to_the_os() -> None:
-    """Fix glibc's mmap threshold at 128 KiB: by default it grows after the first big free, and later
-    big tensors then come from (and stay in) the heap, so the resident peak would miss them."""
-    import ctypes
-
-    m_mmap_threshold = -3
-    ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 128 * 1024)
-
-
-def _proc_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+            return
+        self._profile.__exit__(*exc)
+        cpu = torch.autograd.DeviceType.CPU
+        changes = sorted(  # (time, +bytes allocated / -bytes freed)
+            (e.start_ns(), e.nbytes())
+            for e in self._profile.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == cpu
+        )
+        live = 0
+        for _, delta in changes:
+            live += delta
+            self.peak_bytes = max(self.peak_bytes, live)
 
 
 def measure(

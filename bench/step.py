@@ -1,9 +1,10 @@
 """`python -m bench step`: training images/s fed by the real pipeline vs. the synthetic ceiling.
 
-In one process and one run: (1) the method's full training step on device-resident random batches of
-the loader's shapes (the ceiling: no decode, no augmentation, no host-to-device copy), then (2) the same
-step fed by shards -> loader (DALI on a GPU with `data.backend=dali`, CPU workers otherwise). Prints one
-JSON object with both rates and their ratio. The default config is the tiny CPU debug run.
+In one process and one run, the trainer's own `train_step` (built from the config and its overrides,
+with its host syncs, schedule and hooks): (1) on device-resident random batches of the loader's shapes
+(the ceiling: no decode, no augmentation, no host-to-device copy), then (2) fed by shards -> loader of
+any `data.backend`. Each is timed over `--steps` steps after `--warmup` untimed ones. Prints one JSON
+object with both rates and their ratio. The default config is the tiny CPU debug run.
 """
 
 from __future__ import annotations
@@ -20,20 +21,21 @@ from pipeline.data import Batch
 
 EXAMPLES = """examples:
   python -m bench step data.train_shards=/tmp/shards
-  python -m bench step --config configs/imagenet_simclr.yaml --steps 50 data.backend=dali \\
+  python -m bench step --config configs/imagenet_simclr.yaml data.backend=dali \\
       data.train_shards=/data/imagenet-shards data.batch_size=256
+  python -m bench step --config configs/cifar10_simclr.yaml data.backend=cpu data.train_shards=/data/c10
 """
 
 
-def _timed_steps(step_fn, batches: Iterator[Batch], steps: int, warmup: int, device: torch.device) -> float:
+def _timed_steps(step_fn, steps: int, warmup: int, device: torch.device) -> float:
     """Seconds for `steps` steps after `warmup` untimed ones (synchronised on CUDA)."""
     for _ in range(warmup):
-        step_fn(next(batches))
+        step_fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
-        step_fn(next(batches))
+        step_fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
@@ -53,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     parser.add_argument("--config", default="configs/debug.yaml")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps before each measurement")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args(argv)
     overrides = ["logging.wandb.mode=disabled", *args.overrides]
@@ -64,7 +66,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.data import build_loader
     from pipeline.distributed import init_from_env, leave_process_group
-    from pipeline.engine.trainer import build_engine, build_precision, seed_everything
+    from pipeline.engine.trainer import (
+        StepContext,
+        build_engine,
+        build_precision,
+        seed_everything,
+        train_step,
+    )
     from pipeline.methods import build_method
     from pipeline.optim import build_schedule
 
@@ -74,27 +82,23 @@ def main(argv: list[str] | None = None) -> int:
     loader = build_loader(
         cfg.data, split="train", rank=env.rank, world_size=env.world_size, seed=cfg.run.seed, device=device
     )
-    global_batch_size = cfg.data.batch_size * env.world_size
+    accum = cfg.train.grad_accum_steps
+    global_batch_size = cfg.data.batch_size * env.world_size * accum
     engine = build_engine(cfg, build_method(cfg), device, global_batch_size)
     total_steps = 2 * (args.steps + args.warmup)
-    schedule = build_schedule(cfg.optim, total_steps, max(len(loader), 1), global_batch_size)
-    precision = build_precision(cfg, device)
+    schedule = build_schedule(cfg.optim, total_steps, max(len(loader) // accum, 1), global_batch_size)
     channels_last = device.type == "cuda" and cfg.train.channels_last
+    ctx = StepContext(device, build_precision(cfg, device), channels_last, accum, env.world_size, total_steps)
     step_index = 0
 
-    def step(batch: Batch) -> None:
-        nonlocal step_index
-        views = [v.to(device, non_blocking=True) for v in batch.views]
-        if channels_last:
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        labels = batch.labels.to(device, non_blocking=True) if batch.labels is not None else None
-        schedule.apply(engine.optimizer, step_index)
-        with precision:
-            loss, _ = engine.forward(views, labels, sync=True)
-        engine.backward(loss)
-        engine.step()
-        engine.module.on_step_end(step_index, total_steps)
-        step_index += 1
+    def make_step(batches: Iterator[Batch]):
+        def step() -> None:  # what the training loop does per step
+            nonlocal step_index
+            schedule.apply(engine.optimizer, step_index)
+            train_step(engine, batches, ctx, step_index, stop_requested=False)
+            step_index += 1
+
+        return step
 
     real = _forever(loader)
     first = next(real)
@@ -108,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             yield synthetic_batch
 
     engine.module.train()
-    synthetic_s = _timed_steps(step, synthetic(), args.steps, args.warmup, device)
-    pipeline_s = _timed_steps(step, real, args.steps, args.warmup, device)
+    synthetic_s = _timed_steps(make_step(synthetic()), args.steps, args.warmup, device)
+    pipeline_s = _timed_steps(make_step(real), args.steps, args.warmup, device)
     images = args.steps * global_batch_size
     row = {
         "bench": "step",
@@ -122,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "views": len(first.views),
         "global_batch_size": global_batch_size,
         "steps": args.steps,
+        "warmup_steps": args.warmup,
         "synthetic_images_per_s": round(images / synthetic_s, 2),
         "pipeline_images_per_s": round(images / pipeline_s, 2),
         "ratio": round(synthetic_s / pipeline_s, 4),

@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -15,9 +16,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/s3.py is importable as `s3` from every test file
 
-import s3
-
 from data_prep.__main__ import main as data_prep_main
+
+if TYPE_CHECKING:
+    from s3 import S3Server
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO / "sample_data" / "cifar10_mini"
@@ -51,9 +53,11 @@ def sample_val_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[s3.S3Server]:
+def s3_server() -> Iterator[S3Server]:
     """A moto S3 server on 127.0.0.1; its env (credentials + endpoint) is exported to this process for
     the rest of the session, and `server.env` is what to pass to subprocesses."""
+    import s3  # here, not at the top: GPU machines running `python -m bench gpu` have no moto
+
     server = s3.start_s3_server()
     try:
         with s3.environment(server):

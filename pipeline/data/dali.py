@@ -26,6 +26,11 @@ from pipeline.data.shards import IMAGE_EXTS, VERIFY_HINT, load_shard_set, stage_
 
 log = logging.getLogger(__name__)
 
+# DALI's ResNet-50 training recipe: nvJPEG scratch space for the largest full-size ImageNet images, so
+# buffers are not reallocated (and the GPU synchronised) whenever a larger image arrives.
+MIXED_DEVICE_MEMORY_PADDING = 211_025_920
+MIXED_HOST_MEMORY_PADDING = 140_544_512
+
 
 def _augment(images, spec: ViewSpec, *, float16: bool, channels_last: bool):
     """One view of a recipe as DALI ops; `images` are decoded uint8 HWC (CPU or GPU)."""
@@ -109,9 +114,16 @@ def build_pipeline(
             name="reader",
         )
         encoded = outputs[0] if labelled else outputs
-        images = fn.decoders.image(
-            encoded, device="cpu" if device_id is None else "mixed", output_type=types.RGB
-        )
+        if device_id is None:
+            images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+        else:  # nvJPEG buffers sized for full-size ImageNet images up front, not regrown batch after batch
+            images = fn.decoders.image(
+                encoded,
+                device="mixed",
+                output_type=types.RGB,
+                device_memory_padding=MIXED_DEVICE_MEMORY_PADDING,
+                host_memory_padding=MIXED_HOST_MEMORY_PADDING,
+            )
         out = [
             _augment(images, v, float16=cfg.dtype == "float16", channels_last=cfg.channels_last)
             for v in views
@@ -127,6 +139,12 @@ def build_pipeline(
         enable_checkpointing=True,
         checkpoint=checkpoint,
     )
+
+
+def _is_device_error(e: RuntimeError) -> bool:
+    """A CUDA/nvJPEG failure (out of memory, a lost device), which no damaged sample explains."""
+    text = str(e).lower()
+    return "cuda" in text or "out of memory" in text
 
 
 class DaliLoader:
@@ -183,8 +201,8 @@ class DaliLoader:
             try:
                 outputs = pipe.run()
             except RuntimeError as e:
-                if "decoders" not in str(e) and "readers" not in str(e):
-                    raise  # not about the data
+                if ("decoders" not in str(e) and "readers" not in str(e)) or _is_device_error(e):
+                    raise  # not about the data: no CPU re-decode of the split before reporting it
                 raise RuntimeError(
                     f"DALI failed reading {self.shards.root} (rank {self.rank}): {e}\n"
                     f"{self._first_damaged()}; " + VERIFY_HINT.format(root=self.shards.root)

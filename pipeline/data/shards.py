@@ -8,6 +8,7 @@ access is what makes epoch-seeded order, disjoint rank slices and exact mid-epoc
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +125,11 @@ def parse_index(url: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
 
 
 def stage_indexes(shards: ShardSet, cache_dir: str | None) -> list[str]:
-    """Local paths of the `.idx` files (DALI reads indexes only from the local file system)."""
+    """Local paths of the `.idx` files (DALI reads indexes only from the local file system).
+
+    The ranks of a node stage into the same cache at the same time: each writes its own temporary file
+    and renames it over the target (atomic on one file system), so a reader sees a complete index or none.
+    """
     if all("://" not in u or u.startswith("file://") for u in shards.index_urls):
         return [u.removeprefix("file://") for u in shards.index_urls]
     cache = Path(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "pipeline-idx"))
@@ -134,9 +139,15 @@ def stage_indexes(shards: ShardSet, cache_dir: str | None) -> list[str]:
         target = cache / url.replace("://", "/").replace("/", "_")
         if not target.exists():
             with fsspec.open(url, "rb") as src:
-                tmp = target.with_suffix(".part")
-                tmp.write_bytes(src.read())
-                tmp.rename(target)
+                data = src.read()
+            fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{target.name}.", suffix=".part")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
         local.append(str(target))
     return local
 

@@ -61,13 +61,14 @@ class DDPEngine:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum_steps).backward()
 
-    def step(self) -> float:
-        """Clip, step, zero; returns the global grad norm before clipping (identical on every rank)."""
+    def step(self) -> torch.Tensor:
+        """Clip, step, zero; returns the global grad norm before clipping (identical on every rank), as
+        a device tensor: reading it is a host sync, left to the logging steps."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def skip(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

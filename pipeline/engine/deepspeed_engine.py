@@ -3,7 +3,10 @@
 The loop owns the batch size, accumulation, clipping and precision, so those DeepSpeed keys are written
 here from the run config and any values in the JSON file are replaced. Mixed precision is torch autocast
 around the forward (fp32 master weights) in both engines, so DeepSpeed's own bf16/fp16 modes stay off and
-a method computes the same loss whichever engine runs it.
+a method computes the same loss whichever engine runs it. DeepSpeed wraps the module's forward in its own
+autocast context, which switches an outer torch autocast *off* unless the config has a `torch_autocast`
+section (deepspeed/runtime/torch_autocast.py): so bf16 runs write that section, with no
+"lower-precision-safe" modules, so that gradients are still reduced in fp32 as under DDP.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pipeline.engine.ddp import fp32_state_dict
 
 
 def deepspeed_config(
-    path: str, *, micro_batch_size: int, grad_accum_steps: int, grad_clip: float | None
+    path: str, *, micro_batch_size: int, grad_accum_steps: int, grad_clip: float | None, bf16: bool = False
 ) -> dict:
     ds = json.loads(resolve_deepspeed_config(path).read_text())
     ds.update(
@@ -35,6 +38,7 @@ def deepspeed_config(
         gradient_clipping=grad_clip or 0.0,
         bf16={"enabled": False},
         fp16={"enabled": False},
+        torch_autocast={"enabled": bf16, "dtype": "bfloat16", "lower_precision_safe_modules": []},
         # ZeRO 1/2 only shard the client optimizer's state; SGD/AdamW work, LARS is refused by the config.
         zero_allow_untested_optimizer=True,
         steps_per_print=ds.get("steps_per_print", 1 << 30),
@@ -70,6 +74,7 @@ class DeepSpeedEngine:
         device: torch.device,
         ds_config: dict,
         timeout_s: int,
+        compile: bool = False,
     ) -> None:
         import deepspeed
 
@@ -83,6 +88,8 @@ class DeepSpeedEngine:
         self.ds, _, _, _ = deepspeed.initialize(model=method, optimizer=self.optimizer, config=ds_config)
         self.module: nn.Module = self.ds.module
         self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        if compile:
+            self.ds.compile()  # torch.compile of the wrapped module, DeepSpeed's hooks kept outside
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None, *, sync: bool) -> Any:
         self.ds.set_gradient_accumulation_boundary(sync)
@@ -91,15 +98,15 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)  # scales by 1 / gradient_accumulation_steps itself
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor | float:
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         # ZeRO >= 1 keeps reduced gradients in its partitions and reports their norm; stage 0 leaves them
-        # on the parameters, where we measure them before DeepSpeed clips.
-        norm = float(torch.nn.utils.get_total_norm(grads)) if self.stage == 0 and grads else None
+        # on the parameters, where we measure them before DeepSpeed clips. Returned unread (no host sync).
+        norm = torch.nn.utils.get_total_norm(grads) if self.stage == 0 and grads else None
         self.ds.step()
         if norm is None:
             reported = self.ds.get_global_grad_norm()
-            norm = float(reported) if reported is not None else float("nan")
+            norm = reported if reported is not None else float("nan")
         return norm
 
     def skip(self) -> None:

@@ -1,8 +1,10 @@
 """The training loop: read top to bottom, assembled by small build_* functions.
 
-One optimizer step = `train.grad_accum_steps` loader batches per rank. Each micro-batch ends with one
-small all-reduce of (loss, non-finite flag, stop flag): it gives the global mean loss for logging and lets
+One optimizer step = `train.grad_accum_steps` loader batches per rank. The loss and its non-finite flag
+stay on the device across the micro-batches; before the update one small all-reduce of (loss sum,
+non-finite count, stop flag) and one read of it on the host give the global mean loss for logging and let
 every rank take the same decision to skip a NaN step or to stop after a signal, so ranks never diverge.
+That read is the step's only host sync: the gradient norm stays a tensor until a logging step reads it.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class Engine(Protocol):
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None, *, sync: bool) -> Any: ...
     def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self) -> float: ...
+    def step(self) -> torch.Tensor | float: ...
     def skip(self) -> None: ...
     def save(self, store: CheckpointStore, step: int, state: dict[str, Any] | None) -> None: ...
     def load(self, step_dir: str, state: dict[str, Any]) -> None: ...
@@ -73,9 +75,16 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------- builders
 
 
+def uses_bf16(cfg: Config, device: torch.device) -> bool:
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+
+
 def build_precision(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
-    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    if use_bf16:
+    """bf16 autocast around the forward (fp32 master weights) under DDP. DeepSpeed enters the same
+    autocast itself, inside its forward, from the `torch_autocast` section that `deepspeed_config` writes;
+    an outer one would be switched off there on CUDA (deepspeed/runtime/torch_autocast.py), so there is
+    none: both devices take the same path."""
+    if uses_bf16(cfg, device) and cfg.train.engine != "deepspeed":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -97,6 +106,7 @@ def build_engine(cfg: Config, method: nn.Module, device: torch.device, global_ba
             micro_batch_size=cfg.data.batch_size,
             grad_accum_steps=cfg.train.grad_accum_steps,
             grad_clip=cfg.train.grad_clip,
+            bf16=uses_bf16(cfg, device),
         )
         return DeepSpeedEngine(
             method,
@@ -104,6 +114,7 @@ def build_engine(cfg: Config, method: nn.Module, device: torch.device, global_ba
             device=device,
             ds_config=ds_config,
             timeout_s=cfg.train.collective_timeout_s,
+            compile=compile,
         )
     from pipeline.engine.ddp import DDPEngine
 
@@ -119,12 +130,15 @@ def build_engine(cfg: Config, method: nn.Module, device: torch.device, global_ba
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
+    """With `deterministic`, every op that has a deterministic kernel uses it; the few that have none on
+    CUDA (e.g. the backward of adaptive average pooling and of nll_loss) warn once and run anyway, so
+    a CUDA run is reproducible only up to those ops. CPU runs are bit-exact (what exact resume tests)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
@@ -172,20 +186,21 @@ def _all_gather_objects(obj: Any, world_size: int) -> list[Any]:
     return out
 
 
-def _global_flags(loss: torch.Tensor, stop: bool, world_size: int) -> tuple[float, bool, bool]:
-    """(mean loss over ranks, every rank finite, any rank asked to stop) in one all-reduce."""
-    value = loss.detach().float()
-    finite = bool(torch.isfinite(value))
-    flags = torch.tensor(
-        [value.item() if finite else 0.0, 0.0 if finite else 1.0, float(stop)], dtype=torch.float64
-    )
+def _global_flags(
+    loss_sum: torch.Tensor, n_bad: torch.Tensor, stop: bool, world_size: int
+) -> tuple[float, bool, bool]:
+    """(loss sum over ranks, every rank finite, any rank asked to stop): one all-reduce, one host read.
+
+    `loss_sum` and `n_bad` are device scalars (finite losses summed, non-finite ones counted); the stop
+    flag joins them on the device with a fill, not a pageable host-to-device copy."""
+    flags = torch.stack([loss_sum, n_bad, torch.full_like(loss_sum, float(stop))])
     if world_size > 1:
-        backend_device = loss.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        flags = flags.to(backend_device)
-        dist.all_reduce(flags)
-        flags = flags.cpu()
-    loss_sum, n_bad, n_stop = flags.tolist()
-    return loss_sum / world_size, n_bad == 0, n_stop > 0
+        backend_device = flags.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        on_backend = flags.to(backend_device)
+        dist.all_reduce(on_backend)
+        flags = on_backend
+    total, bad, stops = flags.tolist()  # the step's one host sync
+    return total, bad == 0, stops > 0
 
 
 def _scalar(value: Any) -> float:
@@ -212,16 +227,22 @@ class StepLog:
     loss: float  # mean over ranks and micro-batches (NaN when the step was skipped)
     finite: bool  # False: a rank saw a NaN/Inf loss and every rank skipped the update
     stop: bool  # some rank got SIGTERM/SIGINT
-    grad_norm: float
+    grad_norm: torch.Tensor | float  # a device tensor: read it (a host sync) only when logging
     data_wait_s: float
-    logs: dict[str, Any]  # the method's extra logs (+ on_step_end's, e.g. ema_momentum)
+    logs: dict[str, Any]  # the method's extra logs (+ on_step_end's, e.g. ema_momentum), tensors unread
 
 
 def train_step(
     engine: Engine, batches: Iterator[Any], ctx: StepContext, step: int, stop_requested: bool
 ) -> StepLog:
-    """One optimizer step over `grad_accum_steps` micro-batches; the update is skipped on any NaN/Inf."""
-    finite_step, stop, losses, logs, wait = True, False, [], {}, 0.0
+    """One optimizer step over `grad_accum_steps` micro-batches; the update is skipped on any NaN/Inf.
+
+    Every micro-batch runs its backward (a NaN only poisons gradients that are then dropped), so all
+    ranks enter the same gradient reductions; the skip/stop decision is taken once, before the update."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    n_bad = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    logs: dict[str, Any] = {}
+    wait = 0.0
     for micro in range(ctx.grad_accum_steps):
         t_wait = time.perf_counter()
         batch = next(batches)
@@ -232,18 +253,19 @@ def train_step(
         labels = batch.labels.to(ctx.device, non_blocking=True) if batch.labels is not None else None
         with ctx.precision:
             loss, method_logs = engine.forward(views, labels, sync=micro == ctx.grad_accum_steps - 1)
-        mean_loss, finite, stop_now = _global_flags(loss, stop_requested, ctx.world_size)
-        finite_step, stop = finite_step and finite, stop or stop_now
-        if finite_step:  # the same decision on every rank: no rank waits in a reduction the others skip
-            engine.backward(loss)
-        losses.append(mean_loss)
+        value = loss.detach().double()
+        finite = torch.isfinite(value)
+        loss_sum += torch.where(finite, value, 0.0)
+        n_bad += (~finite).double()
+        engine.backward(loss)
         logs.update(method_logs)
+    total, finite_step, stop = _global_flags(loss_sum, n_bad, stop_requested, ctx.world_size)
     if not finite_step:
         engine.skip()
         return StepLog(float("nan"), False, stop, float("nan"), wait, logs)
     grad_norm = engine.step()
     logs.update(engine.module.on_step_end(step, ctx.total_steps))  # momentum encoder follows the update
-    return StepLog(sum(losses) / len(losses), True, stop, grad_norm, wait, logs)
+    return StepLog(total / (ctx.world_size * ctx.grad_accum_steps), True, stop, grad_norm, wait, logs)
 
 
 class Throughput:
@@ -405,7 +427,7 @@ def _train(cfg: Config, env: Any) -> TrainResult:
                         "epoch": progress.epoch,
                         "loss": result.loss,
                         **sched,
-                        "grad_norm": result.grad_norm,
+                        "grad_norm": _scalar(result.grad_norm),
                         **meter.row(global_batch_size, world_size),
                         "bad_steps": guard.total_bad,
                         **{k: _scalar(v) for k, v in result.logs.items()},
@@ -445,17 +467,17 @@ def _train(cfg: Config, env: Any) -> TrainResult:
 def online_eval(
     cfg: Config, method: nn.Module, device: torch.device, progress: Progress, logger: RunLogger, is_main: bool
 ) -> dict[str, float]:
-    """Each `eval.every_epochs`: kNN top-1 on held-out labelled shards, embedding std, embedding map."""
+    """Each `eval.every_epochs`: kNN top-1 on held-out labelled shards, embedding std, embedding map.
+    Every rank extracts features for its share; rank 0 gets the metrics, the others an empty dict."""
     every = cfg.eval.every_epochs
     if not every or (progress.epoch + 1) % every != 0:
         return {}
-    result: dict[str, float] = {}
-    if is_main:
-        from pipeline.engine.online_eval import evaluate
+    from pipeline.engine.online_eval import evaluate
 
-        result = evaluate(cfg, method, device, Path(cfg.run.output_dir), progress.epoch)
-        if "embedding_map" in result:
-            logger.log_image("embedding_map", Path(result.pop("embedding_map")), progress.step)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    out_dir = Path(cfg.run.output_dir)
+    result = evaluate(cfg, method, device, out_dir, progress.epoch, rank=rank, world_size=world_size)
+    if is_main and "embedding_map" in result:
+        logger.log_image("embedding_map", Path(result.pop("embedding_map")), progress.step)
     return {k: v for k, v in result.items() if isinstance(v, float) and not math.isnan(v)}

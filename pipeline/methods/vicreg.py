@@ -11,6 +11,7 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.distributed import gather_with_grad
 from pipeline.losses import vicreg
+from pipeline.losses.precision import upcast
 from pipeline.methods.encoder import ProjectedEncoder
 from pipeline.methods.views import crop_pairs, encode, split_crops
 
@@ -38,7 +39,7 @@ class VICReg(ProjectedEncoder):
         global_crops, local_crops = split_crops(views, "vicreg")
         z = encode(self.project, global_crops, local_crops)  # V x (B, D)
         if self.cfg.gather:
-            z = [gather_with_grad(x) for x in z]  # V x (W B, D)
+            z = [gather_with_grad(upcast(x)) for x in z]  # V x (W B, D), fp32: grads reduced in fp32
         pairs = crop_pairs(len(global_crops), len(z), symmetric_loss=True)  # 2 crops: just (1, 0)
         c = self.cfg
         losses = [

@@ -6,7 +6,9 @@ BYOL and MoCo v3: for a weight w with gradient g
     mu = momentum * mu + d;   w -= lr * mu
 
 Parameters with ndim <= 1 (biases, BN/LN scales and shifts) skip both weight decay and the trust ratio:
-plain SGD with momentum. The ratio is chosen with `torch.where`, so a step never syncs with the host.
+plain SGD with momentum. The ratio is chosen with `torch.where`, so a step never syncs with the host,
+and every stage runs as multi-tensor (`torch._foreach_*`) ops over a group's parameters: a handful of
+kernels per step instead of several per parameter (ResNet-50 has 161 parameter tensors).
 """
 
 from __future__ import annotations
@@ -43,24 +45,32 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if p.ndim > 1:  # a shape check, not a tensor value: no host sync
-                    d = d.add(p, alpha=group["weight_decay"])
-                    w_norm = torch.linalg.vector_norm(p)
-                    d_norm = torch.linalg.vector_norm(d)
-                    ratio = torch.where(
-                        (w_norm > 0) & (d_norm > 0),
-                        group["trust_coefficient"] * w_norm / d_norm,
-                        torch.ones_like(w_norm),
-                    )
-                    d = d.mul(ratio)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            adapted = [i for i, p in enumerate(params) if p.ndim > 1]  # a shape check: no host sync
+            updates = list(grads)
+            if adapted:
+                w = [params[i] for i in adapted]
+                d = torch._foreach_add([grads[i] for i in adapted], w, alpha=group["weight_decay"])
+                w_norm = torch.stack(torch._foreach_norm(w))  # (P,)
+                d_norm = torch.stack(torch._foreach_norm(d))
+                ratio = torch.where(
+                    (w_norm > 0) & (d_norm > 0),
+                    group["trust_coefficient"] * w_norm / d_norm,
+                    torch.ones_like(w_norm),
+                )
+                torch._foreach_mul_(d, ratio.unbind())
+                for i, di in zip(adapted, d, strict=True):
+                    updates[i] = di
+            bufs = []
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
-                mu = state["momentum_buffer"]
-                mu.mul_(group["momentum"]).add_(d)
-                p.add_(mu, alpha=-group["lr"])
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, updates)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
         return loss
