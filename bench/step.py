@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         with precision:
             loss, _ = engine.forward(views, labels, sync=True)
         engine.backward(loss)
+        engine.module.after_backward(step_index, total_steps)
         engine.step()
-        engine.module.on_step_end(step_index, total_steps)
+        engine.module.after_optimizer_step(step_index, total_steps)
         step_index += 1
 
     real = _forever(loader)

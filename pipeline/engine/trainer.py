@@ -32,7 +32,7 @@ from pipeline.engine.preemption import StopRequest
 class Engine(Protocol):
     """What the loop needs from `ddp` and `deepspeed`; the method never sees which one runs it."""
 
-    module: nn.Module  # the plain method (eval, checkpoints, on_step_end)
+    module: nn.Module  # the plain method (eval, checkpoints, its hooks)
     optimizer: torch.optim.Optimizer  # the client optimizer; the schedule writes into its param_groups
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None, *, sync: bool) -> Any: ...
@@ -225,7 +225,7 @@ class StepLog:
     stop: bool  # some rank got SIGTERM/SIGINT
     grad_norm: float
     data_wait_s: float
-    logs: dict[str, Any]  # the method's extra logs (+ on_step_end's, e.g. ema_momentum)
+    logs: dict[str, Any]  # the method's extra logs (+ after_optimizer_step's, e.g. ema_momentum)
 
 
 def train_step(
@@ -252,8 +252,9 @@ def train_step(
     if not finite_step:
         engine.skip()
         return StepLog(float("nan"), False, stop, float("nan"), wait, logs)
+    engine.module.after_backward(step, ctx.total_steps)  # the method's gradient edits, before clipping
     grad_norm = engine.step()
-    logs.update(engine.module.on_step_end(step, ctx.total_steps))  # momentum encoder follows the update
+    logs.update(engine.module.after_optimizer_step(step, ctx.total_steps))  # e.g. EMA targets follow
     return StepLog(sum(losses) / len(losses), True, stop, grad_norm, wait, logs)
 
 
