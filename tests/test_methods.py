@@ -31,7 +31,9 @@ from pipeline.methods.views import crop_pairs
 from pipeline.models import HeadConfig, ModelConfig, build_backbone
 
 TINY = ModelConfig(backbone="tiny", projector=HeadConfig(hidden_dim=32, output_dim=16))
-MOMENTUM_METHODS = {"mocov2", "mocov3", "byol"}
+MOMENTUM_METHODS = {"mocov2", "mocov3", "byol", "dino"}
+# Sizes that keep a test step small; every other setting is the method's default.
+SMALL = {"mocov2": {"queue_size": 32}, "dino": {"out_dim": 64}, "swav": {"num_prototypes": 16}}
 
 
 def _views(b: int = 8, size: int = 32, seed: int = 0, local: int = 0) -> list[torch.Tensor]:
@@ -41,8 +43,8 @@ def _views(b: int = 8, size: int = 32, seed: int = 0, local: int = 0) -> list[to
     return [torch.randn(b, 3, px, px, generator=g) for px in sizes]
 
 
-def _method_config(name: str):
-    return METHOD_CONFIGS[name](queue_size=32) if name == "mocov2" else METHOD_CONFIGS[name]()
+def _method_config(name: str, **overrides):
+    return METHOD_CONFIGS[name](**{**SMALL.get(name, {}), **overrides})
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -61,7 +63,8 @@ def test_method_trains_through_the_common_interface(name: str) -> None:
         for p in method.backbone.parameters():
             p.add_(1.0)  # as if the optimizer moved the online weights
     before = [p.clone() for p in frozen]
-    out = method.on_step_end(0, 10)
+    method.after_backward(0, 10)
+    out = method.after_optimizer_step(0, 10)
     if name in MOMENTUM_METHODS:
         m = out["ema_momentum"]
         assert 0.9 < m < 1.0
@@ -70,7 +73,7 @@ def test_method_trains_through_the_common_interface(name: str) -> None:
             (p - b).abs().max() <= (1 - m) * 1.0 + 1e-6 for p, b in zip(frozen, before, strict=True)
         )
     else:
-        assert out == {}
+        assert "ema_momentum" not in out
 
     assert method.embed(_views()[0]).shape == (8, 128)
     backbone, _ = build_backbone(TINY)
@@ -90,7 +93,7 @@ def test_mocov3_trains_a_vit() -> None:
     loss, _ = method(_views(size=16), None)
     loss.backward()
     assert torch.isfinite(loss) and method.backbone.patch_embed.proj.weight.grad.abs().sum() > 0
-    assert method.on_step_end(5, 10)["ema_momentum"] == pytest.approx(0.995)
+    assert method.after_optimizer_step(5, 10)["ema_momentum"] == pytest.approx(0.995)
     assert method.embed(_views(size=16)[0]).shape == (8, 192)
 
 
@@ -205,10 +208,10 @@ VIT = ModelConfig(
 )
 
 
-def _check_ddp_step(r: int, name: str, local_crops: int) -> None:
+def _check_ddp_step(r: int, name: str, local_crops: int, **overrides) -> None:
     views = _views(WORLD * LOCAL_B, size=16, seed=1, local=local_crops)  # the global batch
     labels = torch.arange(WORLD * LOCAL_B) % 3
-    cfg = METHOD_CONFIGS[name]()
+    cfg = _method_config(name, **overrides)
     local_cfg = dataclasses.replace(cfg, gather=False) if hasattr(cfg, "gather") else cfg
     torch.manual_seed(0)
     reference = METHODS[name](VIT, local_cfg)
@@ -222,13 +225,30 @@ def _check_ddp_step(r: int, name: str, local_crops: int) -> None:
     loss, _ = ddp([v[part] for v in views], labels[part])
     loss.backward()
     # Gathered losses report the global value on every rank; BYOL's is local, its mean global.
-    what = f"{name} with {local_crops} local crops"
+    what = f"{name} {overrides} with {local_crops} local crops"
     torch.testing.assert_close(all_reduce_mean(loss), ref_loss.detach(), atol=1e-5, rtol=1e-5, msg=what)
     ref_grads = dict(reference.named_parameters())
     for param_name, p in method.named_parameters():
         if p.requires_grad:
             expected = ref_grads[param_name].grad
             torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-4, msg=f"{what}: {param_name}")
+
+
+def _check_swav_queue(r: int) -> None:
+    """Three steps through a queue of two global batches: full after two, in Sinkhorn at the third."""
+    cfg = _method_config("swav", queue_size=2 * WORLD * LOCAL_B)
+    torch.manual_seed(0)
+    reference = METHODS["swav"](VIT, dataclasses.replace(cfg, gather=False))
+    torch.manual_seed(0)
+    method = METHODS["swav"](VIT, cfg)
+    part = slice(r * LOCAL_B, (r + 1) * LOCAL_B)
+    for step in range(3):
+        views = _views(WORLD * LOCAL_B, size=16, seed=step)
+        ref_loss, _ = reference(views, None)
+        loss, _ = method([v[part] for v in views], None)
+        torch.testing.assert_close(all_reduce_mean(loss), ref_loss, atol=1e-5, rtol=1e-5, msg=f"step {step}")
+    assert bool(method.queue_full) and int(method.queue_ptr) == WORLD * LOCAL_B
+    torch.testing.assert_close(method.queue, reference.queue)  # identical on every rank
 
 
 def _check_moco_queue(r: int) -> None:
@@ -258,10 +278,11 @@ def _worker(r: int, port: int) -> None:
     init_from_env(timeout_s=60)
     completed = False
     try:
-        for name in ("simclr", "mocov3", "byol", "barlow_twins", "vicreg", "supcon"):
+        for name in sorted(METHODS):  # every registered method, so a new one cannot escape
             for local_crops in (0, 2):
                 _check_ddp_step(r, name, local_crops)
         _check_moco_queue(r)
+        _check_swav_queue(r)
         completed = True
     finally:
         leave_process_group(completed=completed)
