@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -192,6 +193,75 @@ def test_method_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"method\.momentum_end"):
         METHOD_CONFIGS["byol"](momentum_end=1.5)
     assert all(cls().name == name for name, cls in METHOD_CONFIGS.items())
+
+
+def test_dino_hooks_clip_every_parameter_freeze_the_last_layer_and_warm_the_teacher_up() -> None:
+    torch.manual_seed(0)
+    cfg = _method_config(
+        "dino", clip_grad=0.01, freeze_last_layer_steps=2, teacher_temp_warmup_steps=10, teacher_temp=0.07
+    )
+    dino = METHODS["dino"](TINY, cfg)
+    last = dino.head.last_layer.parametrizations.weight
+    assert not last.original0.requires_grad, "norm_last_layer: the magnitude stays 1"
+    for step in (1, 2):
+        dino.zero_grad()
+        dino(_views(local=2), None)[0].backward()
+        raw = {n: p.grad.norm() for n, p in dino.named_parameters() if p.grad is not None}
+        dino.after_backward(step, 100)
+        frozen = step < cfg.freeze_last_layer_steps
+        assert (last.original1.grad is None) == frozen
+        for name, p in dino.named_parameters():
+            if p.grad is not None:
+                want = raw[name] * min(1.0, 0.01 / (raw[name] + 1e-6))
+                torch.testing.assert_close(p.grad.norm(), want, msg=name)
+    assert any(n > 0.01 for n in raw.values()), "some gradient was clipped"
+    assert dino.teacher_temp().item() == pytest.approx(0.04)
+    dino.after_optimizer_step(4, 100)
+    assert dino.teacher_temp().item() == pytest.approx(0.04 + 0.03 * 5 / 10)
+    dino.after_optimizer_step(50, 100)
+    assert dino.teacher_temp().item() == pytest.approx(0.07)
+
+
+def test_swav_freezes_its_prototypes_then_keeps_them_on_the_unit_sphere() -> None:
+    torch.manual_seed(0)
+    swav = METHODS["swav"](TINY, _method_config("swav", freeze_prototypes_steps=1))
+    w = swav.prototypes.weight
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(len(w)))
+    optimizer = torch.optim.SGD(swav.parameters(), lr=1.0)
+    for step in (0, 1):
+        optimizer.zero_grad()
+        swav(_views(local=2), None)[0].backward()
+        swav.after_backward(step, 10)
+        assert (w.grad is None) == (step == 0)
+        before = w.detach().clone()
+        optimizer.step()
+        swav.after_optimizer_step(step, 10)
+        torch.testing.assert_close(w.norm(dim=1), torch.ones(len(w)))
+        assert torch.allclose(w, before) == (step == 0), "frozen at step 0 (renormalising only), then moved"
+
+
+def test_zero_stages_that_partition_gradients_refuse_methods_that_edit_them(tmp_path) -> None:
+    from pipeline.config import load
+
+    base = ["data.train_shards=x", f"run.output_dir={tmp_path}", "train.engine=deepspeed"]
+    zero1 = "train.deepspeed_config=configs/deepspeed/zero1.json"
+    for method in ("method={name: dino}", "method={name: swav}"):
+        with pytest.raises(ConfigError, match=r"method\.name=(dino|swav) .* ZeRO stage 1 .*zero0\.json"):
+            load("configs/debug.yaml", [*base, method, zero1])
+        load("configs/debug.yaml", [*base, method, "train.deepspeed_config=configs/deepspeed/zero0.json"])
+    load("configs/debug.yaml", [*base, "method={name: dino, clip_grad: null}", zero1])
+    load("configs/debug.yaml", [*base, "method={name: triplet}", zero1])
+
+
+@pytest.mark.parametrize("name", ["dino", "swav", "triplet", "simclr_hard"])
+def test_new_method_configs_load(name: str) -> None:
+    from pipeline.config import load
+
+    for dataset in ("cifar10", "imagenet"):
+        path = Path(__file__).parents[1] / "configs" / f"{dataset}_{name}.yaml"
+        if path.exists():
+            cfg = load(path, ["data.train_shards=x", "data.val_shards=x"])
+            assert cfg.method.name == name.split("_")[0]
 
 
 # ----------------------------------------------------------------------------------- two gloo processes
