@@ -29,6 +29,10 @@ DEEPSPEED_BACKEND = {"dino": "cpu", "swav": "dali", "triplet": "cpu", "simclr_ha
 ZERO_STAGE = {"dino": 0, "swav": 0, "triplet": 1, "simclr_hard": 1}  # DINO, SwAV edit whole gradients
 
 
+def _zero(name: str) -> str:
+    return f"configs/deepspeed/zero{ZERO_STAGE[name]}.json"
+
+
 def _argv(name: str, backend: str, shards: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--config", str(ROOT / "configs" / "debug.yaml"), f"data.train_shards={shards}",
@@ -71,11 +75,9 @@ for argv in json.loads(sys.argv[1]):
 
 @pytest.mark.slow
 def test_new_methods_train_under_deepspeed(sample_shards: Path, tmp_path: Path) -> None:
+    engine = ["train.engine=deepspeed", "optim.name=sgd"]
     runs = [
-        _argv(
-            name, backend, sample_shards, tmp_path / name, "train.engine=deepspeed", "optim.name=sgd",
-            f"train.deepspeed_config=configs/deepspeed/zero{ZERO_STAGE[name]}.json",
-        )  # fmt: skip
+        _argv(name, backend, sample_shards, tmp_path / name, *engine, f"train.deepspeed_config={_zero(name)}")
         for name, backend in DEEPSPEED_BACKEND.items()
     ]
     proc = subprocess.run(
