@@ -63,13 +63,14 @@ def test_new_methods_train_under_ddp(sample_shards: Path, tmp_path: Path) -> Non
         _check_run(name, out)
 
 
+# DeepSpeed keeps process-wide group state, so one subprocess runs every method through the trainer's
+# entry point on one single-process group (`python -m pipeline.train` would tear it down after each).
 SCRIPT = """
-import os, sys, json
-from pipeline.train import main
+import sys, json
+from pipeline.config import load
+from pipeline.engine.trainer import train
 for argv in json.loads(sys.argv[1]):
-    os.environ.pop("MASTER_PORT", None)  # a fresh single-process group for each run
-    if main(argv) != 0:
-        sys.exit(f"failed: {argv}")
+    train(load(argv[1], argv[2:]))
 """
 
 
