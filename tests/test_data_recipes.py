@@ -81,3 +81,14 @@ def test_from_yaml_mapping_through_the_config_loader():
 def test_bad_values_name_their_key(raw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         build(DataConfig, {"train_shards": "x", **raw}, "data")
+
+
+def test_dino_and_swav_multicrop_recipes_follow_their_papers():
+    dino = resolve_views(DataConfig(train_shards="x", recipe="dino", image_size=224, local_image_size=96))
+    assert [v.size for v in dino] == [224] * 2 + [96] * 8
+    assert (dino[0].scale, dino[2].scale) == ((0.4, 1.0), (0.05, 0.4))
+    assert [v.blur_p for v in dino[:3]] == [1.0, 0.1, 0.5] and [v.solarize_p for v in dino[:3]] == [0, 0.2, 0]
+    swav = resolve_views(DataConfig(train_shards="x", recipe="swav", image_size=224, local_image_size=96))
+    assert [v.size for v in swav] == [224] * 2 + [96] * 6
+    assert (swav[0].scale, swav[2].scale) == ((0.14, 1.0), (0.05, 0.14))
+    assert {v.blur_p for v in swav} == {0.5} and {v.solarize_p for v in swav} == {0.0}

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline import distributed as pd
-from pipeline.losses import info_nce, moco_info_nce, supcon
+from pipeline.losses import info_nce, mined_triplet, moco_info_nce, sinkhorn_knopp, supcon
 
 TEMPERATURE = 0.1
 LOCAL_BATCH = 3
@@ -76,13 +76,18 @@ def _check_info_nce(r: int, world: int, dtype: torch.dtype, tol: float) -> None:
 
 
 def _check_other_gathered_losses(r: int, world: int) -> None:
-    """MoCo v3's in-batch keys and SupCon (labels gathered too) against one process, value and grads."""
+    """MoCo v3's in-batch keys, SupCon (labels gathered too), debiased / hard-negative NT-Xent and mined
+    triplets against one process, value and grads; SwAV's Sinkhorn codes of the global batch."""
     q, k = (z.requires_grad_() for z in _global_views(world, torch.float64))
     labels = torch.arange(world * LOCAL_BATCH) % 4  # some anchors' only same-label rows live on other ranks
     losses = [
         lambda a, b, lab, g: moco_info_nce(a, b, temperature=TEMPERATURE, gather=g),
         lambda a, b, lab, g: supcon(torch.stack([a, b], 1), lab, TEMPERATURE, gather=g),
         lambda a, b, lab, g: supcon(a, lab, TEMPERATURE, gather=g) + supcon(b, lab, TEMPERATURE, gather=g),
+        lambda a, b, lab, g: info_nce(a, b, TEMPERATURE, gather=g, negatives="debiased", tau_plus=0.2),
+        lambda a, b, lab, g: info_nce(a, b, TEMPERATURE, gather=g, negatives="hard", beta=2.0),
+        lambda a, b, lab, g: mined_triplet(a, b, 0.5, "hard", gather=g),
+        lambda a, b, lab, g: mined_triplet(a, b, 0.5, "semi-hard", gather=g),
     ]
     for loss_fn in losses:
         want = loss_fn(q, k, labels, False)
@@ -94,6 +99,9 @@ def _check_other_gathered_losses(r: int, world: int) -> None:
         got.backward()
         torch.testing.assert_close(lq.grad / world, _local(want_gq, r))
         torch.testing.assert_close(lk.grad / world, _local(want_gk, r))
+    scores = q.detach() @ k.detach().T[:, :5]  # (W B, 5) prototype scores
+    codes = sinkhorn_knopp(_local(scores, r), epsilon=0.5, gather=True)
+    torch.testing.assert_close(codes, _local(sinkhorn_knopp(scores, epsilon=0.5), r))
 
 
 def _check_ddp_step(r: int, world: int) -> None:

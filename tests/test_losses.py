@@ -13,9 +13,13 @@ from pipeline.losses import (
     barlow_twins,
     batch_hard_triplet,
     byol,
+    dino_loss,
     info_nce,
+    mined_triplet,
     moco_info_nce,
+    sinkhorn_knopp,
     supcon,
+    swav_loss,
     triplet,
     vicreg,
 )
@@ -172,6 +176,91 @@ def ref_byol(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """BYOL eq. 2: || p/||p|| - z/||z|| ||^2, target detached."""
     z = z.detach()
     return sum(((p[i] / p[i].norm() - z[i] / z[i].norm()) ** 2).sum() for i in range(p.shape[0])) / p.shape[0]
+
+
+def ref_debiased_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float, tau_plus: float, beta: float | None):
+    """The official code of Chuang et al. 2020 (beta None) and Robinson et al. 2021 (beta), per anchor:
+    Ng = clamp((-tau+ K pos + sum) / (1 - tau+), min=K e^{-1/t}), sum re-weighted by neg^beta / mean."""
+    z = torch.cat([z1, z2])
+    n = z1.shape[0]
+    k = 2 * n - 2
+    total = 0.0
+    for i in range(2 * n):
+        j = (i + n) % (2 * n)
+        pos = torch.exp(_cos(z[i], z[j]) / t)
+        neg = torch.exp(_cos(z[i], z[[c for c in range(2 * n) if c not in (i, j)]]) / t)
+        if beta is None:
+            neg_sum = neg.sum()
+        else:
+            imp = (beta * neg.log()).exp()
+            neg_sum = (imp * neg).sum() / imp.mean()
+        ng = torch.clamp((-tau_plus * k * pos + neg_sum) / (1 - tau_plus), min=k * math.e ** (-1 / t))
+        total = total - torch.log(pos / (pos + ng))
+    return total / (2 * n)
+
+
+def ref_mined_triplet(a: torch.Tensor, p: torch.Tensor, margin: float, mining: str) -> torch.Tensor:
+    """Per anchor a_i: positive p_i, negatives both views of every other image; hard = nearest,
+    semi-hard = nearest farther than the positive (else the farthest)."""
+    n = a.shape[0]
+    views, image = torch.cat([a, p]), list(range(n)) * 2
+    total = 0.0
+    for i in range(n):
+        d_ap = _dist(a[i], p[i])
+        negatives = [_dist(a[i], views[c]) for c in range(2 * n) if image[c] != i]
+        if mining == "hard":
+            d_an = min(negatives)
+        else:
+            farther = [d for d in negatives if d > d_ap]
+            d_an = min(farther) if farther else max(negatives)
+        total = total + torch.relu(d_ap - d_an + margin)
+    return total / n
+
+
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    e = torch.exp(x - x.max())
+    return e / e.sum()
+
+
+def ref_dino(student: list, teacher: list, center: torch.Tensor, ts: float, tt: float) -> torch.Tensor:
+    """DINO Algorithm 1: H(t, s) = -sum softmax((t - C) / tt) log softmax(s / ts), over pairs v != g."""
+    terms = []
+    for g, t in enumerate(teacher):
+        for v, s in enumerate(student):
+            if v == g:
+                continue
+            h = 0.0
+            for b in range(s.shape[0]):
+                target = _softmax((t[b].detach() - center) / tt)
+                h = h - (target * torch.log(_softmax(s[b] / ts))).sum()
+            terms.append(h / s.shape[0])
+    return sum(terms) / len(terms)
+
+
+def ref_sinkhorn(scores: torch.Tensor, eps: float, iterations: int) -> torch.Tensor:
+    """SwAV Algorithm (Appendix A.1): Q = exp(C^T Z / eps), then alternately rows to 1/K, columns to 1/B."""
+    b, k = scores.shape
+    q = [[math.exp(scores[i, j].item() / eps) for i in range(b)] for j in range(k)]  # K rows x B columns
+    total = sum(map(sum, q))
+    q = [[x / total for x in row] for row in q]
+    for _ in range(iterations):
+        q = [[x / sum(row) / k for x in row] for row in q]
+        columns = [sum(q[j][i] for j in range(k)) for i in range(b)]
+        q = [[q[j][i] / columns[i] / b for i in range(b)] for j in range(k)]
+    return torch.tensor([[q[j][i] * b for j in range(k)] for i in range(b)], dtype=torch.float64)
+
+
+def ref_swav(scores: list, codes: list, t: float) -> torch.Tensor:
+    """Swapped prediction: for each global crop g, the other crops' -sum q log softmax(s / t), averaged."""
+    loss = 0.0
+    for g, q in enumerate(codes):
+        sub = 0.0
+        for v, s in enumerate(scores):
+            if v != g:
+                per_sample = [-(q[b] * torch.log(_softmax(s[b] / t))).sum() for b in range(s.shape[0])]
+                sub = sub + sum(per_sample) / s.shape[0]
+        loss = loss + sub / (len(scores) - 1)
+    return loss / len(codes)
 
 
 # --------------------------------------------------------------------------------------------- tests
@@ -374,3 +463,84 @@ def test_loss_bench_variants_agree(capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert rows[3]["value"] == pytest.approx(rows[4]["value"], rel=1e-5)
     assert all(r["ms"] > 0 and r["peak_mib"] >= 0 for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("shape", "t", "tau_plus"), [((4, 8), 0.5, 0.1), ((8, 16), 0.2, 0.05), ((6, 4), 1.0, 0.4)]
+)
+def test_debiased_and_hard_negatives_match_their_papers_code(
+    shape: tuple[int, int], t: float, tau_plus: float
+) -> None:
+    z1, z2 = _inputs(*shape, 2, seed=shape[0] + shape[1])
+    for negatives, beta in (("debiased", None), ("hard", 0.5), ("hard", 1.0)):
+        _check(
+            lambda a, b, n=negatives, w=beta or 1.0: info_nce(
+                a, b, t, negatives=n, tau_plus=tau_plus, beta=w
+            ),
+            lambda a, b, w=beta: ref_debiased_nt_xent(a, b, t, tau_plus, w),
+            [z1, z2],
+        )
+    # No class prior and no weighting: NT-Xent.
+    plain = info_nce(z1, z2, t)
+    torch.testing.assert_close(info_nce(z1, z2, t, negatives="debiased", tau_plus=0.0), plain)
+    torch.testing.assert_close(info_nce(z1, z2, t, negatives="hard", tau_plus=0.0, beta=0.0), plain)
+
+
+def test_debiased_floor_is_reached_and_extreme_weights_stay_finite() -> None:
+    z = torch.randn(6, 8, dtype=torch.float64)
+    z1, z2 = z.clone().requires_grad_(), (z + 0.01).requires_grad_()  # positives far above every negative
+    _check(
+        lambda a, b: info_nce(a, b, 0.5, negatives="debiased", tau_plus=0.5),
+        lambda a, b: ref_debiased_nt_xent(a, b, 0.5, 0.5, None),
+        [z1, z2],
+    )
+    loss = info_nce(z1.float(), z2.float(), 0.02, negatives="hard", beta=5.0)  # n^6 = e^300: log space
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z1.grad).all()
+    with pytest.raises(ValueError, match="chunk_size"):
+        info_nce(z1, z2, negatives="hard", chunk_size=4)
+
+
+@pytest.mark.parametrize(("shape", "margin"), [((4, 3), 0.2), ((9, 8), 0.5), ((6, 16), 2.0)])
+def test_mined_triplet_matches_reference(shape: tuple[int, int], margin: float) -> None:
+    a, p = _inputs(*shape, 2, seed=shape[0])
+    for mining in ("hard", "semi-hard"):
+        _check(
+            lambda x, y, m=mining: mined_triplet(x, y, margin, m),
+            lambda x, y, m=mining: ref_mined_triplet(x, y, margin, m),
+            [a, p],
+            rtol=1e-7,
+            atol=1e-9,  # |x|^2 + |y|^2 - 2 x.y against direct differences, as batch hard
+        )
+    with pytest.raises(ValueError, match="mining"):
+        mined_triplet(a, p, mining="easy")
+
+
+@pytest.mark.parametrize(("crops", "ts", "tt"), [(2, 0.1, 0.04), (4, 0.1, 0.07), (3, 0.5, 1.0)])
+def test_dino_loss_matches_reference(crops: int, ts: float, tt: float) -> None:
+    outputs = _inputs(5, 12, crops + 2, seed=crops)
+    student, teacher = outputs[:crops], outputs[crops:]
+    center = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    _check(
+        lambda *x: dino_loss(list(x[:crops]), list(x[crops:]), center, ts, tt),
+        lambda *x: ref_dino(list(x[:crops]), list(x[crops:]), center, ts, tt),
+        outputs,
+    )
+    torch.testing.assert_close(
+        dino_loss(student, teacher, center, ts, torch.tensor(tt, dtype=torch.float64)),
+        dino_loss(student, teacher, center, ts, tt),
+    )
+
+
+@pytest.mark.parametrize(("b", "k", "eps"), [(6, 4, 0.05), (5, 9, 0.5), (8, 3, 1.0)])
+def test_sinkhorn_and_swav_loss_match_reference(b: int, k: int, eps: float) -> None:
+    scores = torch.randn(b, k, dtype=torch.float64, generator=torch.Generator().manual_seed(b)).tanh()
+    codes = sinkhorn_knopp(scores, eps, iterations=3)
+    torch.testing.assert_close(codes, ref_sinkhorn(scores, eps, 3), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(codes.sum(dim=1), torch.ones(b, dtype=torch.float64))  # the last step
+    many = sinkhorn_knopp(scores, eps, iterations=200)
+    torch.testing.assert_close(many.sum(dim=0), torch.full((k,), b / k, dtype=torch.float64))  # equipartition
+
+    crops = _inputs(b, k, 4, seed=k)
+    code_list = [sinkhorn_knopp(c.detach(), eps) for c in crops[:2]]
+    _check(lambda *s: swav_loss(list(s), code_list, 0.1), lambda *s: ref_swav(list(s), code_list, 0.1), crops)

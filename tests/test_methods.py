@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -31,7 +32,9 @@ from pipeline.methods.views import crop_pairs
 from pipeline.models import HeadConfig, ModelConfig, build_backbone
 
 TINY = ModelConfig(backbone="tiny", projector=HeadConfig(hidden_dim=32, output_dim=16))
-MOMENTUM_METHODS = {"mocov2", "mocov3", "byol"}
+MOMENTUM_METHODS = {"mocov2", "mocov3", "byol", "dino"}
+# Sizes that keep a test step small; every other setting is the method's default.
+SMALL = {"mocov2": {"queue_size": 32}, "dino": {"out_dim": 64}, "swav": {"num_prototypes": 16}}
 
 
 def _views(b: int = 8, size: int = 32, seed: int = 0, local: int = 0) -> list[torch.Tensor]:
@@ -41,8 +44,8 @@ def _views(b: int = 8, size: int = 32, seed: int = 0, local: int = 0) -> list[to
     return [torch.randn(b, 3, px, px, generator=g) for px in sizes]
 
 
-def _method_config(name: str):
-    return METHOD_CONFIGS[name](queue_size=32) if name == "mocov2" else METHOD_CONFIGS[name]()
+def _method_config(name: str, **overrides):
+    return METHOD_CONFIGS[name](**{**SMALL.get(name, {}), **overrides})
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -61,7 +64,8 @@ def test_method_trains_through_the_common_interface(name: str) -> None:
         for p in method.backbone.parameters():
             p.add_(1.0)  # as if the optimizer moved the online weights
     before = [p.clone() for p in frozen]
-    out = method.on_step_end(0, 10)
+    method.after_backward(0, 10)
+    out = method.after_optimizer_step(0, 10)
     if name in MOMENTUM_METHODS:
         m = out["ema_momentum"]
         assert 0.9 < m < 1.0
@@ -70,7 +74,7 @@ def test_method_trains_through_the_common_interface(name: str) -> None:
             (p - b).abs().max() <= (1 - m) * 1.0 + 1e-6 for p, b in zip(frozen, before, strict=True)
         )
     else:
-        assert out == {}
+        assert "ema_momentum" not in out
 
     assert method.embed(_views()[0]).shape == (8, 128)
     backbone, _ = build_backbone(TINY)
@@ -90,7 +94,7 @@ def test_mocov3_trains_a_vit() -> None:
     loss, _ = method(_views(size=16), None)
     loss.backward()
     assert torch.isfinite(loss) and method.backbone.patch_embed.proj.weight.grad.abs().sum() > 0
-    assert method.on_step_end(5, 10)["ema_momentum"] == pytest.approx(0.995)
+    assert method.after_optimizer_step(5, 10)["ema_momentum"] == pytest.approx(0.995)
     assert method.embed(_views(size=16)[0]).shape == (8, 192)
 
 
@@ -191,6 +195,75 @@ def test_method_config_errors_name_the_key() -> None:
     assert all(cls().name == name for name, cls in METHOD_CONFIGS.items())
 
 
+def test_dino_hooks_clip_every_parameter_freeze_the_last_layer_and_warm_the_teacher_up() -> None:
+    torch.manual_seed(0)
+    cfg = _method_config(
+        "dino", clip_grad=0.01, freeze_last_layer_steps=2, teacher_temp_warmup_steps=10, teacher_temp=0.07
+    )
+    dino = METHODS["dino"](TINY, cfg)
+    last = dino.head.last_layer.parametrizations.weight
+    assert not last.original0.requires_grad, "norm_last_layer: the magnitude stays 1"
+    for step in (1, 2):
+        dino.zero_grad()
+        dino(_views(local=2), None)[0].backward()
+        raw = {n: p.grad.norm() for n, p in dino.named_parameters() if p.grad is not None}
+        dino.after_backward(step, 100)
+        frozen = step < cfg.freeze_last_layer_steps
+        assert (last.original1.grad is None) == frozen
+        for name, p in dino.named_parameters():
+            if p.grad is not None:
+                want = raw[name] * min(1.0, 0.01 / (raw[name] + 1e-6))
+                torch.testing.assert_close(p.grad.norm(), want, msg=name)
+    assert any(n > 0.01 for n in raw.values()), "some gradient was clipped"
+    assert dino.teacher_temp().item() == pytest.approx(0.04)
+    dino.after_optimizer_step(4, 100)
+    assert dino.teacher_temp().item() == pytest.approx(0.04 + 0.03 * 5 / 10)
+    dino.after_optimizer_step(50, 100)
+    assert dino.teacher_temp().item() == pytest.approx(0.07)
+
+
+def test_swav_freezes_its_prototypes_then_keeps_them_on_the_unit_sphere() -> None:
+    torch.manual_seed(0)
+    swav = METHODS["swav"](TINY, _method_config("swav", freeze_prototypes_steps=1))
+    w = swav.prototypes.weight
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(len(w)))
+    optimizer = torch.optim.SGD(swav.parameters(), lr=1.0)
+    for step in (0, 1):
+        optimizer.zero_grad()
+        swav(_views(local=2), None)[0].backward()
+        swav.after_backward(step, 10)
+        assert (w.grad is None) == (step == 0)
+        before = w.detach().clone()
+        optimizer.step()
+        swav.after_optimizer_step(step, 10)
+        torch.testing.assert_close(w.norm(dim=1), torch.ones(len(w)))
+        assert torch.allclose(w, before) == (step == 0), "frozen at step 0 (renormalising only), then moved"
+
+
+def test_zero_stages_that_partition_gradients_refuse_methods_that_edit_them(tmp_path) -> None:
+    from pipeline.config import load
+
+    base = ["data.train_shards=x", f"run.output_dir={tmp_path}", "train.engine=deepspeed"]
+    zero1 = "train.deepspeed_config=configs/deepspeed/zero1.json"
+    for method in ("method={name: dino}", "method={name: swav}"):
+        with pytest.raises(ConfigError, match=r"method\.name=(dino|swav) .* ZeRO stage 1 .*zero0\.json"):
+            load("configs/debug.yaml", [*base, method, zero1])
+        load("configs/debug.yaml", [*base, method, "train.deepspeed_config=configs/deepspeed/zero0.json"])
+    load("configs/debug.yaml", [*base, "method={name: dino, clip_grad: null}", zero1])
+    load("configs/debug.yaml", [*base, "method={name: triplet}", zero1])
+
+
+@pytest.mark.parametrize("name", ["dino", "swav", "triplet", "simclr_hard"])
+def test_new_method_configs_load(name: str) -> None:
+    from pipeline.config import load
+
+    for dataset in ("cifar10", "imagenet"):
+        path = Path(__file__).parents[1] / "configs" / f"{dataset}_{name}.yaml"
+        if path.exists():
+            cfg = load(path, ["data.train_shards=x", "data.val_shards=x"])
+            assert cfg.method.name == name.split("_")[0]
+
+
 # ----------------------------------------------------------------------------------- two gloo processes
 
 WORLD, LOCAL_B = 2, 4
@@ -205,10 +278,10 @@ VIT = ModelConfig(
 )
 
 
-def _check_ddp_step(r: int, name: str, local_crops: int) -> None:
+def _check_ddp_step(r: int, name: str, local_crops: int, **overrides) -> None:
     views = _views(WORLD * LOCAL_B, size=16, seed=1, local=local_crops)  # the global batch
     labels = torch.arange(WORLD * LOCAL_B) % 3
-    cfg = METHOD_CONFIGS[name]()
+    cfg = _method_config(name, **overrides)
     local_cfg = dataclasses.replace(cfg, gather=False) if hasattr(cfg, "gather") else cfg
     torch.manual_seed(0)
     reference = METHODS[name](VIT, local_cfg)
@@ -222,13 +295,30 @@ def _check_ddp_step(r: int, name: str, local_crops: int) -> None:
     loss, _ = ddp([v[part] for v in views], labels[part])
     loss.backward()
     # Gathered losses report the global value on every rank; BYOL's is local, its mean global.
-    what = f"{name} with {local_crops} local crops"
+    what = f"{name} {overrides} with {local_crops} local crops"
     torch.testing.assert_close(all_reduce_mean(loss), ref_loss.detach(), atol=1e-5, rtol=1e-5, msg=what)
     ref_grads = dict(reference.named_parameters())
     for param_name, p in method.named_parameters():
         if p.requires_grad:
             expected = ref_grads[param_name].grad
             torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-4, msg=f"{what}: {param_name}")
+
+
+def _check_swav_queue(r: int) -> None:
+    """Three steps through a queue of two global batches: full after two, in Sinkhorn at the third."""
+    cfg = _method_config("swav", queue_size=2 * WORLD * LOCAL_B)
+    torch.manual_seed(0)
+    reference = METHODS["swav"](VIT, dataclasses.replace(cfg, gather=False))
+    torch.manual_seed(0)
+    method = METHODS["swav"](VIT, cfg)
+    part = slice(r * LOCAL_B, (r + 1) * LOCAL_B)
+    for step in range(3):
+        views = _views(WORLD * LOCAL_B, size=16, seed=step)
+        ref_loss, _ = reference(views, None)
+        loss, _ = method([v[part] for v in views], None)
+        torch.testing.assert_close(all_reduce_mean(loss), ref_loss, atol=1e-5, rtol=1e-5, msg=f"step {step}")
+    assert bool(method.queue_full) and int(method.queue_ptr) == WORLD * LOCAL_B
+    torch.testing.assert_close(method.queue, reference.queue)  # identical on every rank
 
 
 def _check_moco_queue(r: int) -> None:
@@ -258,10 +348,11 @@ def _worker(r: int, port: int) -> None:
     init_from_env(timeout_s=60)
     completed = False
     try:
-        for name in ("simclr", "mocov3", "byol", "barlow_twins", "vicreg", "supcon"):
+        for name in sorted(METHODS):  # every registered method, so a new one cannot escape
             for local_crops in (0, 2):
                 _check_ddp_step(r, name, local_crops)
         _check_moco_queue(r)
+        _check_swav_queue(r)
         completed = True
     finally:
         leave_process_group(completed=completed)

@@ -1,4 +1,5 @@
-"""A short SimCLR run on the embedded CIFAR-10 sample must beat its own random initialisation on kNN.
+"""A short SimCLR run (plain and debiased negatives) on the embedded CIFAR-10 sample must beat its own
+random initialisation on kNN; `python tests/test_methods_knn.py RUN [EPOCHS]` measures every method.
 
 The sample is decoded once with ImageFolder + transforms.v2 (another module builds the real loader);
 the two views are drawn with batched tensor augmentation (crops through roi_align, flips, colour jitter,
@@ -19,11 +20,33 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 from pipeline.eval.knn import knn_accuracy
-from pipeline.methods.simclr import SimCLR, SimCLRConfig
+from pipeline.methods import METHODS
+from pipeline.methods.dino import DINOConfig
+from pipeline.methods.simclr import SimCLRConfig
+from pipeline.methods.swav import SwAVConfig
+from pipeline.methods.triplet import TripletConfig
 from pipeline.models import HeadConfig, ModelConfig
 from pipeline.optim import OptimConfig, build_optimizer, build_schedule
 
 EPOCHS, BATCH = 4, 128
+RUNS = {  # each method at its paper's loss settings, heads sized for the tiny backbone
+    "simclr": SimCLRConfig(temperature=0.2),
+    "simclr_debiased": SimCLRConfig(temperature=0.2, negatives="debiased", tau_plus=0.1),
+    "simclr_hard_negatives": SimCLRConfig(temperature=0.2, negatives="hard", tau_plus=0.1, beta=1.0),
+    "triplet": TripletConfig(margin=0.5, mining="hard"),
+    # A sharper fixed teacher (0.07) and a free last layer start faster than the ViT defaults.
+    "dino": DINOConfig(
+        out_dim=256,
+        teacher_temp=0.07,
+        warmup_teacher_temp=0.07,
+        norm_last_layer=False,
+        freeze_last_layer_steps=0,
+        momentum=0.99,
+    ),
+    "swav": SwAVConfig(num_prototypes=30, freeze_prototypes_steps=0),
+}
+# In CI: the runs that clear the bar within EPOCHS; the others gain less than 3 points there (README).
+CI_RUNS = ("simclr", "simclr_debiased")
 
 
 def _load(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,13 +87,14 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.where(to_gray, out.mean(1, keepdim=True).expand_as(out), out)
 
 
-@pytest.mark.slow
-def test_short_simclr_run_improves_knn_over_random_init(sample_dir: Path) -> None:
+def short_run(sample_dir: Path, run: str, epochs: int = EPOCHS) -> tuple[float, float]:
+    """kNN top-1 of the backbone at random init and after `epochs` epochs of method `run`."""
     x_train, y_train = _load(sample_dir / "train")
     x_val, y_val = _load(sample_dir / "val")
     torch.manual_seed(0)
     model = ModelConfig(backbone="tiny", projector=HeadConfig(hidden_dim=128, output_dim=64))
-    method = SimCLR(model, SimCLRConfig(temperature=0.2))
+    cfg = RUNS[run]
+    method = METHODS[cfg.name](model, cfg)
 
     @torch.no_grad()
     def knn_top1() -> float:
@@ -83,10 +107,11 @@ def test_short_simclr_run_improves_knn_over_random_init(sample_dir: Path) -> Non
     optim = OptimConfig(name="sgd", lr=0.5, reference_batch_size=256, weight_decay=5e-4)
     optimizer = build_optimizer(optim, method, BATCH)
     steps_per_epoch = len(x_train) // BATCH
-    schedule = build_schedule(optim, EPOCHS * steps_per_epoch, steps_per_epoch, BATCH)
+    total_steps = epochs * steps_per_epoch
+    schedule = build_schedule(optim, total_steps, steps_per_epoch, BATCH)
     g = torch.Generator().manual_seed(0)
     step = 0
-    for _ in range(EPOCHS):
+    for _ in range(epochs):
         order = torch.randperm(len(x_train), generator=g)
         for i in range(steps_per_epoch):
             x = x_train[order[i * BATCH : (i + 1) * BATCH]]
@@ -94,8 +119,23 @@ def test_short_simclr_run_improves_knn_over_random_init(sample_dir: Path) -> Non
             loss, _ = method([_augment(x, g), _augment(x, g)], None)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            method.after_backward(step, total_steps)
             optimizer.step()
-            method.on_step_end(step, EPOCHS * steps_per_epoch)
+            method.after_optimizer_step(step, total_steps)
             step += 1
-    after = knn_top1()
-    assert after >= before + 0.03, f"kNN top-1 {before:.3f} at init, {after:.3f} after {EPOCHS} epochs"
+    return before, knn_top1()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", CI_RUNS)
+def test_short_run_improves_knn_over_random_init(sample_dir: Path, run: str) -> None:
+    before, after = short_run(sample_dir, run)
+    assert after >= before + 0.03, f"{run}: kNN top-1 {before:.3f} at init, {after:.3f} after {EPOCHS} epochs"
+
+
+if __name__ == "__main__":  # python tests/test_methods_knn.py RUN [EPOCHS]: the figures in the README
+    import sys
+
+    name, epochs = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else EPOCHS
+    before, after = short_run(Path(__file__).parents[1] / "sample_data" / "cifar10_mini", name, epochs)
+    print(f"{name}: kNN top-1 {before:.3f} at random init, {after:.3f} after {epochs} epochs")

@@ -3,7 +3,8 @@
 Both backends (DALI and torchvision) build their per-view ops from the same `ViewSpec`s, so a recipe
 means the same thing whichever backend runs it. Defaults follow the papers' ImageNet settings:
 SimCLR (Chen et al. 2020, colour strength 1.0), MoCo v2 (Chen et al. 2020), BYOL (Grill et al. 2020,
-blur 1.0/0.1 and solarise 0.0/0.2 on its two views) and SwAV-style multi-crop (Caron et al. 2020).
+blur 1.0/0.1 and solarise 0.0/0.2 on its two views), SwAV's multi-crop (Caron et al. 2020) and DINO's
+(Caron et al. 2021).
 """
 
 from __future__ import annotations
@@ -109,6 +110,23 @@ RECIPES: dict[str, Recipe] = {
         local_solarize_p=0.2,
     ),
     "multicrop": replace(_SIMCLR, local_crops=6, global_scale=(0.14, 1.0)),
+    # SwAV's main_swav.py: 2 x 224 px at scale (0.14, 1) + 6 x 96 px at (0.05, 0.14), colour strength 1,
+    # blur 0.5 on every crop, no solarisation: the multi-crop recipe, named for its paper.
+    "swav": replace(_SIMCLR, local_crops=6, global_scale=(0.14, 1.0)),
+    # DINO's DataAugmentationDINO: global crops at (0.4, 1) with BYOL's colour and blur 1.0 / 0.1 and
+    # solarise 0 / 0.2; 8 local crops of 96 px at (0.05, 0.4), blur 0.5.
+    "dino": replace(
+        _SIMCLR,
+        local_crops=8,
+        global_scale=(0.4, 1.0),
+        local_scale=(0.05, 0.4),
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.2,
+        hue=0.1,
+        global_blur_p=(1.0, 0.1),
+        global_solarize_p=(0.0, 0.2),
+    ),
 }
 
 

@@ -16,6 +16,7 @@ from pipeline.distributed.env import (
 from pipeline.distributed.gather import (
     all_gather_no_grad,
     all_reduce_mean,
+    all_reduce_sum,
     gather_with_grad,
     with_global_value,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "DistEnv",
     "all_gather_no_grad",
     "all_reduce_mean",
+    "all_reduce_sum",
     "exit_rank",
     "gather_with_grad",
     "init_from_env",

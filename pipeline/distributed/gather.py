@@ -59,6 +59,15 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Detached sum of `x` over ranks (a copy; `x` is untouched): SwAV's Sinkhorn normalisers."""
+    x = x.detach().clone()
+    if is_distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+@torch.no_grad()
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Detached mean of `x` over ranks (a copy; `x` is untouched)."""
     x = x.detach().clone()

@@ -115,5 +115,11 @@ def check_combinations(cfg: Config) -> None:
                 f"optim.name=lars cannot run under ZeRO stage {stage} (per-layer norms are split across "
                 "partitions); use train.engine=ddp, ZeRO stage 0, or optim.name=sgd/adamw"
             )
+        if stage >= 1 and getattr(cfg.method, "edits_gradients", False):  # see pipeline.methods.base
+            raise ConfigError(
+                f"method.name={cfg.method.name} edits whole gradients or weights between backward and the "
+                f"optimizer step, which ZeRO stage {stage} partitions; use train.engine=ddp or "
+                "train.deepspeed_config=configs/deepspeed/zero0.json"
+            )
     if cfg.eval.every_epochs and cfg.data.val_shards is None:
         raise ConfigError("eval.every_epochs > 0 needs data.val_shards (labelled held-out shards for kNN)")

@@ -37,7 +37,7 @@ from pipeline.engine.resume import check_not_past_end, config_changes, resume_po
 class Engine(Protocol):
     """What the loop needs from `ddp` and `deepspeed`; the method never sees which one runs it."""
 
-    module: nn.Module  # the plain method (eval, checkpoints, on_step_end)
+    module: nn.Module  # the plain method (eval, checkpoints, its hooks)
     optimizer: torch.optim.Optimizer  # the client optimizer; the schedule writes into its param_groups
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None, *, sync: bool) -> Any: ...
@@ -229,7 +229,7 @@ class StepLog:
     stop: bool  # some rank got SIGTERM/SIGINT
     grad_norm: torch.Tensor | float  # a device tensor: read it (a host sync) only when logging
     data_wait_s: float
-    logs: dict[str, Any]  # the method's extra logs (+ on_step_end's, e.g. ema_momentum), tensors unread
+    logs: dict[str, Any]  # the method's logs (+ after_optimizer_step's, e.g. ema_momentum), tensors unread
 
 
 def train_step(
@@ -263,8 +263,9 @@ def train_step(
     if not finite_step:
         engine.skip()
         return StepLog(float("nan"), False, stop, float("nan"), wait, logs)
+    engine.module.after_backward(step, ctx.total_steps)  # the method's gradient edits, before clipping
     grad_norm = engine.step()
-    logs.update(engine.module.on_step_end(step, ctx.total_steps))  # momentum encoder follows the update
+    logs.update(engine.module.after_optimizer_step(step, ctx.total_steps))  # e.g. EMA targets follow
     return StepLog(total / (ctx.world_size * ctx.grad_accum_steps), True, stop, grad_norm, wait, logs)
 
 

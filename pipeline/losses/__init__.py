@@ -7,19 +7,25 @@ even under bf16 autocast.
 
 from pipeline.losses.barlow_twins import barlow_twins
 from pipeline.losses.byol import byol
+from pipeline.losses.dino import dino_loss
 from pipeline.losses.info_nce import info_nce
 from pipeline.losses.moco import moco_info_nce
 from pipeline.losses.supcon import supcon
-from pipeline.losses.triplet import batch_hard_triplet, triplet
+from pipeline.losses.swav import sinkhorn_knopp, swav_loss
+from pipeline.losses.triplet import batch_hard_triplet, mined_triplet, triplet
 from pipeline.losses.vicreg import vicreg
 
 __all__ = [
     "barlow_twins",
     "batch_hard_triplet",
     "byol",
+    "dino_loss",
     "info_nce",
+    "mined_triplet",
     "moco_info_nce",
+    "sinkhorn_knopp",
     "supcon",
+    "swav_loss",
     "triplet",
     "vicreg",
 ]

@@ -8,6 +8,15 @@ For 2M normalised embeddings u (M samples, two views) and temperature t, anchor 
 
 and the loss is the mean of l_k over all 2M anchors.
 
+`negatives` replaces the plain sum over the K = 2M - 2 negatives n_j = exp(u_k . u_j / t) of anchor k
+(positive p = exp(u_k . u_p(k) / t)) by an estimate of the sum over true negatives only:
+  debiased (Chuang et al., 2020, "Debiased Contrastive Learning", eq. 6): with class prior tau+,
+      Ng = max( (sum_j n_j - tau+ K p) / (1 - tau+), K e^{-1/t} )
+  hard (Robinson et al., 2021, "Contrastive Learning with Hard Negative Samples", eq. 4 and the
+      official code): the same with each n_j re-weighted by n_j^beta / mean_j n_j^beta, so negatives
+      close to the anchor count more: sum_j n_j -> sum_j n_j^(1+beta) / mean_j n_j^beta
+  l_k = -log( p / (p + Ng) ). Computed in log space; K counts the global batch under `gather`.
+
 With `gather=True` each rank computes l_k only for its own 2N anchors, against all 2M = 2WN global
 candidates: memory O(local x global), not O(global^2). Anchor rows keep their gradient locally;
 candidates come through `gather_with_grad`, whose backward sums every rank's contribution, so under
@@ -16,12 +25,16 @@ DDP's gradient averaging the parameters get exactly the single-process gradient 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from pipeline.distributed import gather_with_grad, rank, with_global_value
 from pipeline.losses.blockwise_lse import blockwise_logsumexp
 from pipeline.losses.precision import full_precision, upcast
+
+NEGATIVES = ("all", "debiased", "hard")
 
 
 def info_nce(
@@ -30,6 +43,9 @@ def info_nce(
     temperature: float = 0.2,
     gather: bool = False,
     chunk_size: int | None = None,
+    negatives: str = "all",
+    tau_plus: float = 0.1,
+    beta: float = 1.0,
 ) -> torch.Tensor:
     """NT-Xent of two views (N, D) each -> scalar mean over the 2N local anchors.
 
@@ -37,18 +53,28 @@ def info_nce(
         value is the global mean on every rank, the gradient that of the local anchors' mean.
     chunk_size: compute the log-sum-exp in (chunk x chunk) blocks, recomputed in backward, so peak
         memory stays flat as the batch grows; same value and gradients as `None` (the full matrix).
+    negatives: "all" (NT-Xent), "debiased" (class prior `tau_plus`) or "hard" (`beta` re-weighting,
+        debiased with `tau_plus`; 0 for hard weighting alone); the last two need `chunk_size=None`.
     """
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ValueError(
             f"info_nce expects two (N, D) views of equal shape, got {tuple(z1.shape)}, {tuple(z2.shape)}"
         )
+    if negatives not in NEGATIVES:
+        raise ValueError(f"info_nce: negatives must be one of {NEGATIVES}, got {negatives!r}")
+    if negatives != "all" and chunk_size is not None:
+        raise ValueError(f"info_nce: negatives={negatives!r} needs the full matrix, set chunk_size=None")
     with full_precision(z1.device):
         z1 = F.normalize(upcast(z1), dim=1)
         z2 = F.normalize(upcast(z2), dim=1)
         anchors = torch.cat([z1, z2])  # (2N, D): view 1 then view 2 of this rank's samples
         candidates = gather_with_grad(anchors) if gather else anchors  # (2WN, D), rank r at [2Nr, 2N(r+1))
         self_offset = rank() * anchors.shape[0] if gather else 0
-        loss = nt_xent_rows(anchors, candidates, temperature, self_offset, chunk_size)
+        if negatives == "all":
+            loss = nt_xent_rows(anchors, candidates, temperature, self_offset, chunk_size)
+        else:
+            beta = beta if negatives == "hard" else 0.0  # weights n_j^0 / mean n_j^0 = 1: plain sum
+            loss = debiased_rows(anchors, candidates, temperature, self_offset, tau_plus, beta)
     return with_global_value(loss) if gather else loss
 
 
@@ -73,3 +99,41 @@ def nt_xent_rows(
     positive = (anchors[:n] * anchors[n:]).sum(dim=1) / temperature  # (N,): shared by both views' anchors
     lse = blockwise_logsumexp(anchors, candidates, temperature, self_offset, chunk_size)  # (2N,)
     return (lse - positive.repeat(2)).mean()
+
+
+def debiased_rows(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    temperature: float,
+    self_offset: int,
+    tau_plus: float,
+    beta: float,
+) -> torch.Tensor:
+    """Mean debiased (beta = 0) or hard-negative (beta > 0) NT-Xent of normalised anchors (2N, D), laid
+    out as in `nt_xent_rows`, against candidates (C, D): every candidate but the anchor and its positive
+    is one of the K = C - 2 negatives."""
+    n = anchors.shape[0] // 2
+    rows = torch.arange(2 * n, device=anchors.device)
+    positive_index = (rows + n) % (2 * n) + self_offset
+    logits = (anchors / temperature) @ candidates.T  # (2N, C)
+    positive = logits[rows, positive_index]  # (2N,): log p
+    not_negative = torch.zeros_like(logits, dtype=torch.bool)
+    not_negative[rows, rows + self_offset] = True
+    not_negative[rows, positive_index] = True
+    k = candidates.shape[0] - 2
+    # log of the (re-weighted) negative sum: log sum n^(1+b) - log sum n^b + log K; b = 0 gives log sum n.
+    log_sum = torch.logsumexp(((1 + beta) * logits).masked_fill(not_negative, -math.inf), dim=1)
+    log_sum = log_sum - torch.logsumexp((beta * logits).masked_fill(not_negative, -math.inf), dim=1)
+    log_sum = log_sum + math.log(k)
+    # log((S - tau+ K p) / (1 - tau+)) = log S + log1p(-tau+ K p / S) - log1p(-tau+), where S > tau+ K p;
+    # elsewhere the floor K e^{-1/t} takes over (the paper's max). torch.where keeps both branches finite.
+    if tau_plus > 0:
+        ratio = math.log(tau_plus * k) + positive - log_sum  # log(tau+ K p / S)
+    else:
+        ratio = torch.full_like(positive, -math.inf)
+    above = ratio < 0
+    safe_ratio = torch.where(above, ratio, torch.full_like(ratio, -1.0))
+    log_estimate = log_sum + torch.log1p(-safe_ratio.exp()) - math.log1p(-tau_plus)
+    floor = math.log(k) - 1 / temperature
+    log_negatives = torch.where(above, log_estimate.clamp(min=floor), torch.full_like(log_estimate, floor))
+    return (torch.logaddexp(positive, log_negatives) - positive).mean()

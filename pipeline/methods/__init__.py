@@ -1,49 +1,52 @@
 """Self-supervised methods, one small file each, listed in one explicit registry.
 
-Every method is an `nn.Module` with the trainer's narrow interface:
-  forward(views: list[Tensor], labels: Tensor | None) -> (loss, logs)   the training step's loss
-  on_step_end(step: int, total_steps: int) -> dict[str, float]       after the optimizer step (EMA)
-  backbone (the online backbone; `backbone.*` state_dict keys load into `build_backbone(cfg.model)[0]`)
-  embed(images) -> (B, feature_dim)                                   features for kNN / evaluation
+Every method follows the contract of `pipeline.methods.base.Method` (forward, the two hooks, backbone,
+embed) and has a frozen config dataclass whose `name` is its registry key. Adding a method: its file, a
+config under configs/, and one line in `REGISTRY`; the interface and distributed parity tests iterate
+over the registry.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import nn
+from typing import Any, NamedTuple
 
 from pipeline.methods.barlow_twins import BarlowTwins, BarlowTwinsConfig
+from pipeline.methods.base import Method
 from pipeline.methods.byol import BYOL, BYOLConfig
+from pipeline.methods.dino import DINO, DINOConfig
 from pipeline.methods.mocov2 import MoCoV2, MoCoV2Config
 from pipeline.methods.mocov3 import MoCoV3, MoCoV3Config
 from pipeline.methods.simclr import SimCLR, SimCLRConfig
 from pipeline.methods.supcon import SupCon, SupConConfig
+from pipeline.methods.swav import SwAV, SwAVConfig
+from pipeline.methods.triplet import Triplet, TripletConfig
 from pipeline.methods.vicreg import VICReg, VICRegConfig
 
-METHODS: dict[str, type[nn.Module]] = {
-    "simclr": SimCLR,
-    "mocov2": MoCoV2,
-    "mocov3": MoCoV3,
-    "byol": BYOL,
-    "barlow_twins": BarlowTwins,
-    "vicreg": VICReg,
-    "supcon": SupCon,
-}
-METHOD_CONFIGS: dict[str, type] = {
-    "simclr": SimCLRConfig,
-    "mocov2": MoCoV2Config,
-    "mocov3": MoCoV3Config,
-    "byol": BYOLConfig,
-    "barlow_twins": BarlowTwinsConfig,
-    "vicreg": VICRegConfig,
-    "supcon": SupConConfig,
-}
+
+class Registered(NamedTuple):
+    method: type[Method]
+    config: type
 
 
-def build_method(cfg: Any) -> nn.Module:
+REGISTRY: dict[str, Registered] = {
+    "simclr": Registered(SimCLR, SimCLRConfig),
+    "mocov2": Registered(MoCoV2, MoCoV2Config),
+    "mocov3": Registered(MoCoV3, MoCoV3Config),
+    "byol": Registered(BYOL, BYOLConfig),
+    "barlow_twins": Registered(BarlowTwins, BarlowTwinsConfig),
+    "vicreg": Registered(VICReg, VICRegConfig),
+    "supcon": Registered(SupCon, SupConConfig),
+    "dino": Registered(DINO, DINOConfig),
+    "swav": Registered(SwAV, SwAVConfig),
+    "triplet": Registered(Triplet, TripletConfig),
+}
+METHODS: dict[str, type[Method]] = {name: entry.method for name, entry in REGISTRY.items()}
+METHOD_CONFIGS: dict[str, type] = {name: entry.config for name, entry in REGISTRY.items()}
+
+
+def build_method(cfg: Any) -> Method:
     """The method named by `cfg.method.name`, built from `cfg.model` and `cfg.method` of a run Config."""
     return METHODS[cfg.method.name](cfg.model, cfg.method)
 
 
-__all__ = ["METHODS", "METHOD_CONFIGS", "build_method"]
+__all__ = ["METHODS", "METHOD_CONFIGS", "REGISTRY", "Method", "build_method"]

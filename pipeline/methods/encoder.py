@@ -1,18 +1,18 @@
-"""What every method shares: the online encoder (backbone, then projection head) it trains."""
+"""What most methods share: the online encoder (backbone, then projection head) they train."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from torch import nn
 
+from pipeline.methods.base import Method
 from pipeline.models import ModelConfig, build_backbone, build_mlp
 
 
-class ProjectedEncoder(nn.Module):
-    """Base of every method: `backbone` and `projector` (their state_dict keys are what export and
-    evaluation read), `project`, `embed`, and an `on_step_end` with nothing to do."""
+class ProjectedEncoder(Method):
+    """`backbone` and `projector` (their state_dict keys are what export and evaluation read) and
+    `project`; hooks stay the contract's no-ops."""
 
     def __init__(self, model: ModelConfig, cfg: Any) -> None:
         super().__init__()
@@ -22,10 +22,3 @@ class ProjectedEncoder(nn.Module):
 
     def project(self, images: torch.Tensor) -> torch.Tensor:
         return self.projector(self.backbone(images))
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Backbone features, what kNN, linear probes and fine-tuning use."""
-        return self.backbone(images)
-
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
-        return {}

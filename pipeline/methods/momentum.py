@@ -1,7 +1,7 @@
 """The momentum (EMA) encoder shared by MoCo v2/v3 and BYOL, and its cosine momentum schedule.
 
 `MomentumMethod` owns one `MomentumEncoder` next to the online backbone and projector and updates it
-from `on_step_end`, after the optimizer step.
+from `after_optimizer_step`.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class MomentumMethod(ProjectedEncoder):
         super().__init__(model, cfg)
         self.momentum_encoder = MomentumEncoder(self.backbone, self.projector)
 
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
         m = momentum_at(step, total_steps, self.cfg.momentum, self.cfg.momentum_end)
         self.momentum_encoder.update([self.backbone, self.projector], m)
         return {"ema_momentum": m}
