@@ -58,10 +58,11 @@ GPU; all-reduce reaches 350-450 in practice); b_inter 45 GB/s, one 400 Gb/s NDR 
 in a DGX H100 (50 GB/s line rate, ~90 % reached); compute: ResNet-50 at 224 px, 4,040 views/s per H100
 (bf16, SimCLR step, DESIGN.md section 5), applied to every method's views.
 """
-RECORDED = (  # torch.distributed functions wrapped while the bench runs
-    "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-    "broadcast", "all_to_all", "all_to_all_single", "barrier", "reduce", "gather", "scatter",
-    "all_gather_object", "broadcast_object_list", "send", "recv", "isend", "irecv",
+RECORDED = (  # torch.distributed functions wrapped while the bench runs (those this torch has)
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
+    "reduce_scatter_tensor", "reduce_scatter_single", "broadcast", "all_to_all", "all_to_all_single",
+    "barrier", "reduce", "gather", "scatter", "all_gather_object", "broadcast_object_list", "send", "recv",
+    "isend", "irecv",
 )  # fmt: skip
 DDP_SITE = "DDP gradient buckets (comm hook)"
 
@@ -92,10 +93,10 @@ def _payload(kind: str, a: dict[str, Any], ranks: int, rank: int) -> tuple[torch
     if kind == "all_gather":
         t = a["tensor"]
         return t, ranks * _nbytes(t), spread * ranks * _nbytes(t)
-    if kind == "all_gather_into_tensor":
+    if kind in ("all_gather_into_tensor", "all_gather_single"):  # SyncBN's statistics on NCCL
         t = a["output_tensor"]
         return t, _nbytes(t), spread * _nbytes(t)
-    if kind in ("reduce_scatter", "reduce_scatter_tensor"):
+    if kind in ("reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single"):
         parts = a["input_list"] if kind == "reduce_scatter" else [a["input"]]
         n = sum(_nbytes(p) for p in parts)
         return parts[0], n, spread * n
@@ -136,7 +137,7 @@ class CollectiveRecorder:
         self.on = False
         self.calls: list[Call] = []
         self.original: dict[str, Callable] = {}
-        for kind in RECORDED:
+        for kind in (k for k in RECORDED if hasattr(dist, k)):
             fn = getattr(dist, kind)
             self.original[kind] = fn
             setattr(dist, kind, self._wrap(kind, fn, inspect.signature(fn)))
@@ -311,7 +312,7 @@ def collective_seconds(kind: str, n: float, ranks: int, links: Links) -> float:
     across = (nodes - 1) / nodes * (n / g) / inter
     if kind == "all_reduce":
         return 2 * (g - 1) / g * n / intra + 2 * across
-    if kind in ("all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor"):
+    if kind.startswith(("all_gather", "reduce_scatter")):
         return (g - 1) / g * n / intra + across
     if kind in ("all_to_all", "all_to_all_single"):
         return (g - 1) / ranks * n / intra + (ranks - g) / ranks * n / inter
