@@ -158,8 +158,14 @@ class CollectiveRecorder:
         return recorded
 
     def _add(
-        self, kind: str, tensor: torch.Tensor | None, n: int | None, sent: float | None, group, site=None
-    ):
+        self,
+        kind: str,
+        tensor: torch.Tensor | None,
+        n: int | None,
+        sent: float | None,
+        group: dist.ProcessGroup | None,
+        site: str | None = None,
+    ) -> None:
         dtype = str(tensor.dtype).removeprefix("torch.") if tensor is not None else None
         self.calls.append(Call(kind, dtype, n, sent, dist.get_world_size(group), site or _site()))
 
