@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHMARKS = ("prep", "loader", "loss", "step", "gpu")
+BENCHMARKS = ("prep", "loader", "loss", "step", "comm", "gpu")
 
 
 def main(argv: list[str]) -> int:

@@ -25,6 +25,8 @@ from pipeline.models import ModelConfig
 class MoCoV2Config:
     """momentum_end: None keeps `momentum` constant (the paper); a value follows a cosine to it.
     symmetric: also contrast view 2's query with view 1's key (a common CIFAR improvement).
+    shuffle_group_size: shuffle the keys' batch within blocks of this many consecutive ranks (the
+    processes per node keeps the images off the inter-node links); None shuffles over every rank.
     Multi-crop's local crops are extra queries against the same keys."""
 
     name: str = "mocov2"
@@ -34,6 +36,7 @@ class MoCoV2Config:
     momentum_end: float | None = None
     shuffle_bn: bool = True
     symmetric: bool = False
+    shuffle_group_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -41,6 +44,9 @@ class MoCoV2Config:
         if self.queue_size <= 0:
             raise ConfigError(f"method.queue_size must be > 0, got {self.queue_size}")
         check_momentum(self.momentum, self.momentum_end)
+        if self.shuffle_group_size is not None and self.shuffle_group_size < 2:
+            size = self.shuffle_group_size
+            raise ConfigError(f"method.shuffle_group_size must be >= 2 or null, got {size}")
 
 
 class MoCoV2(MomentumMethod):
@@ -56,7 +62,7 @@ class MoCoV2(MomentumMethod):
         """(B, 3, H, W) -> (B, D) normalised keys of the momentum encoder, in this rank's sample order."""
         if not self.cfg.shuffle_bn:
             return F.normalize(self.momentum_encoder(images), dim=1)
-        shuffled, unshuffle = shuffle_batch(images)
+        shuffled, unshuffle = shuffle_batch(images, group_size=self.cfg.shuffle_group_size)
         return F.normalize(unshuffle_batch(self.momentum_encoder(shuffled), unshuffle), dim=1)
 
     @torch.no_grad()
