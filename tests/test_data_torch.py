@@ -231,3 +231,22 @@ def test_the_gpu_runs_the_same_augmentation(sample_val_shards, source):
     assert torch.equal(on_cpu.labels, on_gpu.labels.cpu())
     for a, b in zip(on_cpu.views, on_gpu.views, strict=True):  # nvJPEG and libjpeg differ by a few levels
         assert (a - b.cpu()).abs().mean() < 0.05
+
+
+def test_resident_eval_loader_matches_the_workers_and_decodes_once(sample_val_shards):
+    def batches(**kw):
+        return list(build_eval_loader(str(sample_val_shards), batch_size=64, rank=1, world_size=2, **kw))
+
+    for size, resize in ((32, None), (24, 28)):
+        plain = batches(image_size=size, resize_size=resize)
+        resident = batches(image_size=size, resize_size=resize, resident_budget_gib=1.0)
+        assert len(plain) == len(resident) == 4
+        for (x, y), (rx, ry) in zip(plain, resident, strict=True):
+            assert torch.equal(y, ry) and rx.shape == x.shape == (len(y), 3, size, size)
+            error = (rx - x).abs()  # identical at 32 px; one resize filter against another at 24
+            assert error.max() < 1e-5 if resize is None else error.mean() < 0.02
+    from pipeline.data.eval import _resident_split
+
+    hits = _resident_split.cache_info().hits
+    batches(image_size=32, resident_budget_gib=1.0)
+    assert _resident_split.cache_info().hits == hits + 1  # the split was not decoded again
