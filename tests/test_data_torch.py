@@ -145,6 +145,8 @@ def test_a_split_over_the_budget_is_refused_in_one_line_or_streamed(sample_val_s
     assert next(iter(loader)).views[0].shape == (50, 3, 32, 32)
     with pytest.raises(ConfigError, match=r"data\.source=resident needs data\.backend=torch"):
         DataConfig(train_shards="x", source="resident")
+    with pytest.raises(ConfigError, match=r"data\.resident_budget_gib must be > 0"):
+        DataConfig(train_shards="x", backend="torch", resident_budget_gib=0)
 
 
 @pytest.fixture(scope="module")

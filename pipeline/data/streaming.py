@@ -46,27 +46,34 @@ def _decoded_batch(samples: list[tuple[list[torch.Tensor], int, int]]) -> Stream
 
 
 class StreamingSource:
-    """`batches(sampler)`: the sampler's lists of (sample id, epoch) -> StreamBatch on `device`."""
+    """Iterating yields one StreamBatch on `device` per list of (sample id, epoch) from `sampler`."""
 
-    def __init__(self, shards: ShardSet, *, device: torch.device, num_workers: int, prefetch: int) -> None:
+    def __init__(
+        self,
+        shards: ShardSet,
+        sampler: Iterable[list[tuple[int, int]]],
+        *,
+        device: torch.device,
+        num_workers: int,
+        prefetch: int,
+    ) -> None:
         self.device = device
         self.gpu_decode = device.type == "cuda"
         # Damaged samples (and, on a GPU, anything nvJPEG refuses) go through the CPU backend's decoder.
         self.fallback = ShardSamples(shards, [torch.nn.Identity()], seed=0, seeded=False)
-        self.dataset = EncodedSamples(shards) if self.gpu_decode else self.fallback
-        self.num_workers, self.prefetch = num_workers, prefetch
-
-    def batches(self, sampler: Iterable[list[tuple[int, int]]]) -> Iterator[StreamBatch]:
-        loader = DataLoader(
-            self.dataset,
+        self._loader = DataLoader(
+            EncodedSamples(shards) if self.gpu_decode else self.fallback,
             batch_sampler=sampler,
-            num_workers=self.num_workers,
+            num_workers=num_workers,
             collate_fn=list if self.gpu_decode else _decoded_batch,
-            prefetch_factor=self.prefetch if self.num_workers > 0 else None,
-            worker_init_fn=_init_worker if self.num_workers > 0 else None,
             pin_memory=self.gpu_decode,
+            persistent_workers=num_workers > 0,
+            prefetch_factor=prefetch if num_workers > 0 else None,
+            worker_init_fn=_init_worker if num_workers > 0 else None,
         )
-        for batch in loader:
+
+    def __iter__(self) -> Iterator[StreamBatch]:
+        for batch in self._loader:
             if self.gpu_decode:
                 batch = self._decode_on_device(batch)
             images, sizes, labels, replaced = batch

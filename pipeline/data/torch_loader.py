@@ -67,7 +67,7 @@ class TorchLoader:
         self.stream = None
         if self.resident is None:
             self.stream = StreamingSource(
-                self.shards, device=device, num_workers=cfg.num_workers, prefetch=cfg.prefetch
+                self.shards, self._batches, device=device, num_workers=cfg.num_workers, prefetch=cfg.prefetch
             )
         self.replaced_samples = 0 if self.resident is None else self.resident.replaced_samples
 
@@ -96,7 +96,7 @@ class TorchLoader:
             for items in self._batches:
                 yield self.resident.gather(torch.tensor([i for i, _ in items], dtype=torch.int64))
             return
-        for images, sizes, labels, replaced in self.stream.batches(self._batches):
+        for images, sizes, labels, replaced in self.stream:
             self.replaced_samples += replaced
             yield images, sizes, labels
 
