@@ -252,3 +252,20 @@ def test_resident_eval_loader_matches_the_workers_and_decodes_once(sample_val_sh
     hits = _resident_split.cache_info().hits
     batches(image_size=32, resident_budget_gib=1.0)
     assert _resident_split.cache_info().hits == hits + 1  # the split was not decoded again
+
+
+def test_bench_loader_times_each_backend_after_a_warm_up(sample_val_shards):
+    import argparse
+
+    from bench.loader import measure, ratios
+
+    args = argparse.Namespace(batch_size=50, workers=0, recipe="simclr", batches=3, warmup=1)
+    rows = [
+        measure(sample_val_shards, 32, backend, torch.device("cpu"), "resident", args)
+        for backend in ("cpu", "torch")
+    ]
+    for row in rows:  # 1 + 3 batches of 50 from a 10-batch epoch
+        assert (row["views"], row["batches"], row["warmup_batches"]) == (2, 3, 1)
+        assert row["images_per_s"] == pytest.approx(150 / row["seconds"], rel=0.01)
+    assert rows[1]["source"] == "resident" and "source" not in rows[0]
+    assert set(ratios(rows)) == {"torch-resident@cpu/cpu@cpu"}
