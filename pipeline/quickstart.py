@@ -1,7 +1,8 @@
 """`python -m pipeline.quickstart` (`make run`): the whole product on the CPU in a few minutes.
 
 Shards the embedded CIFAR-10 sample (sample_data/cifar10_mini: 2,000 train + 500 val images), pretrains
-SimCLR on it with configs/quickstart.yaml, evaluates kNN and a linear probe for the pretrained backbone
+SimCLR on it with configs/quickstart.yaml (the `torch` data backend: the sample decoded once, batches
+augmented in the trainer process), evaluates kNN and a linear probe for the pretrained backbone
 AND for the same architecture at random initialisation (the baseline pretraining must beat), draws the
 embedding map, writes the report and prints where it is. Everything lands under --out (runs/quickstart).
 """
@@ -38,8 +39,9 @@ def pretrain(config: Path, train: Path, val: Path, run_dir: Path, overrides: lis
     """The trainer as a user runs it: a separate `python -m pipeline.train` process."""
     cmd = [sys.executable, "-m", "pipeline.train", "--config", str(config)]
     cmd += [f"data.train_shards={train}", f"data.val_shards={val}", f"run.output_dir={run_dir}", *overrides]
-    # Half the cores for intra-op threads, the rest for the loader worker: oversubscribed OpenMP threads
-    # spin against each other and made a step 8x slower on a busy 2-core machine.
+    # Half the cores for intra-op threads, the rest for the loader's decode worker and for other work:
+    # oversubscribed OpenMP threads spin against each other and made a step 8x slower on a busy 2-core
+    # machine.
     env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2)), **os.environ}
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO, env=env)

@@ -1,4 +1,5 @@
-"""DALI backend in CPU-only mode (device_id=None), and agreement with the CPU backend on one recipe."""
+"""DALI backend in CPU-only mode (device_id=None), and agreement of the three backends (cpu, dali,
+torch) on one recipe: identical pixels with the random ops off, alike crop and colour statistics."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _digest(image: torch.Tensor) -> str:
     return hashlib.sha1((image * 255).round().to(torch.uint8).contiguous().numpy().tobytes()).hexdigest()
 
 
-@pytest.mark.parametrize("backend", ["dali", "cpu"])
+@pytest.mark.parametrize("backend", ["dali", "cpu", "torch"])
 def test_multicrop_views_shapes_dtypes_ranges(sample_shards, backend):
     cfg = _cfg(
         sample_shards,
@@ -65,8 +66,9 @@ def test_two_ranks_read_disjoint_halves_with_labels_and_match_the_cpu_decode(sam
         solarised = torch.where(images >= 128 / 255 - 1e-6, 1.0 - images, images)
         truth.update({_digest(x): int(y) for x, y in zip(solarised, labels, strict=True)})
     aug = AugmentConfig(**{**IDENTITY.__dict__, "solarize_p": (1.0,), **PLAIN})
-    cpu_batch = next(iter(build_loader(_cfg(sample_val_shards, augment=aug, backend="cpu"))))
-    assert all(_digest(x) in truth for x in cpu_batch.views[0])
+    for backend in ("cpu", "torch"):
+        batch = next(iter(build_loader(_cfg(sample_val_shards, augment=aug, backend=backend, num_workers=0))))
+        assert all(_digest(x) in truth for x in batch.views[0])
     seen = []
     for rank in range(2):
         loader = build_loader(_cfg(sample_val_shards, augment=aug, batch_size=50), rank=rank, world_size=2)
@@ -127,26 +129,27 @@ def gradient_shards(tmp_path_factory) -> Path:
 
 def _crop_stats(shards, backend):
     aug = AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0,), **PLAIN)
-    batch = next(iter(build_loader(_cfg(shards, backend=backend, batch_size=200, augment=aug))))
+    batch = next(iter(build_loader(_cfg(shards, backend=backend, batch_size=200, augment=aug), seed=1)))
     views = torch.cat(batch.views).float()  # (400, 3, 32, 32)
     width = (views[:, 0].amax((1, 2)) - views[:, 0].amin((1, 2))) / (252 / 255)
     height = (views[:, 1].amax((1, 2)) - views[:, 1].amin((1, 2))) / (252 / 255)
     return (width * height).numpy(), (width / height).numpy()
 
 
-def test_both_backends_crop_alike(gradient_shards):
-    stats = {b: _crop_stats(gradient_shards, b) for b in ("cpu", "dali")}
+def test_every_backend_crops_alike(gradient_shards):
+    stats = {b: _crop_stats(gradient_shards, b) for b in ("cpu", "dali", "torch")}
     for area, ratio in stats.values():  # scale (0.08, 1), ratio (3/4, 4/3); edges shrink ranges ~3%
         assert 0.4 < area.mean() < 0.65 and area.min() > 0.05 and area.max() <= 1.0
         assert np.quantile(ratio, 0.02) > 0.7 and np.quantile(ratio, 0.98) < 1.45
-    assert abs(stats["cpu"][0].mean() - stats["dali"][0].mean()) < 0.06
-    assert abs(np.median(stats["cpu"][1]) - np.median(stats["dali"][1])) < 0.08
+    for other in ("dali", "torch"):
+        assert abs(stats["cpu"][0].mean() - stats[other][0].mean()) < 0.06
+        assert abs(np.median(stats["cpu"][1]) - np.median(stats[other][1])) < 0.08
+        assert abs(np.quantile(stats["cpu"][0], 0.1) - np.quantile(stats[other][0], 0.1)) < 0.06
 
 
 def _colour_stats(shards, backend):
-    batch = next(
-        iter(build_loader(_cfg(shards, backend=backend, batch_size=250, augment=AugmentConfig(**PLAIN))))
-    )
+    cfg = _cfg(shards, backend=backend, batch_size=250, augment=AugmentConfig(**PLAIN))
+    batch = next(iter(build_loader(cfg, seed=1)))
     views = torch.cat(batch.views).float()  # (500, 3, 32, 32), SimCLR colour strength 1.0
     spread = (views.amax(1) - views.amin(1)).amax((1, 2))  # 0 for a greyscale view
     return {
@@ -157,14 +160,15 @@ def _colour_stats(shards, backend):
     }
 
 
-def test_both_backends_colour_alike(sample_shards):
-    cpu, dali = _colour_stats(sample_shards, "cpu"), _colour_stats(sample_shards, "dali")
-    for s in (cpu, dali):
-        assert 0.1 < s["grey"] < 0.35  # grayscale p = 0.2 (plus saturation jitter near 0)
-    assert abs(cpu["grey"] - dali["grey"]) < 0.1
-    assert abs(cpu["brightness"] - dali["brightness"]) < 0.05
-    assert abs(cpu["contrast"] - dali["contrast"]) / cpu["contrast"] < 0.2
-    assert abs(cpu["chroma"] - dali["chroma"]) / cpu["chroma"] < 0.25
+def test_every_backend_colours_alike(sample_shards):
+    cpu = _colour_stats(sample_shards, "cpu")
+    for other in (_colour_stats(sample_shards, "dali"), _colour_stats(sample_shards, "torch")):
+        for s in (cpu, other):
+            assert 0.1 < s["grey"] < 0.35  # grayscale p = 0.2 (plus saturation jitter near 0)
+        assert abs(cpu["grey"] - other["grey"]) < 0.1
+        assert abs(cpu["brightness"] - other["brightness"]) < 0.05
+        assert abs(cpu["contrast"] - other["contrast"]) / cpu["contrast"] < 0.2
+        assert abs(cpu["chroma"] - other["chroma"]) / cpu["chroma"] < 0.25
 
 
 @pytest.mark.slow  # a fresh interpreter importing torch and DALI

@@ -1,8 +1,9 @@
-"""Training and evaluation data: WebDataset shards -> augmented views, on DALI or on CPU workers.
+"""Training and evaluation data: WebDataset shards -> augmented views, on DALI, on the training device
+with batched torch ops (`torch`), or on CPU workers.
 
 `build_loader(cfg.data, rank=, world_size=, seed=, device=)` -> a loader yielding `Batch(views, labels)`;
 `build_eval_loader(shards, image_size=, batch_size=)` -> (images, labels) for kNN / linear eval.
-Recipes (`simclr`, `mocov2`, `byol`, `multicrop`) live in `recipes.py`, shared by both backends.
+Recipes (`simclr`, `mocov2`, `byol`, `multicrop`) live in `recipes.py`, shared by every backend.
 """
 
 from pipeline.data.config import AugmentConfig, DataConfig

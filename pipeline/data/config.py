@@ -67,12 +67,13 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Shards, backend and recipe. `batch_size` is per rank; `num_workers` is DataLoader workers (cpu)
-    or DALI CPU threads (dali). `global_crops`/`local_crops` of `None` take the recipe's counts."""
+    """Shards, backend and recipe. `batch_size` is per rank; `num_workers` is DataLoader workers (cpu, and
+    torch's decoding), or DALI CPU threads (dali). `global_crops`/`local_crops` of `None` take the recipe's
+    counts."""
 
     train_shards: str
     val_shards: str | None = None
-    backend: Literal["cpu", "dali"] = "cpu"
+    backend: Literal["cpu", "dali", "torch"] = "cpu"
     batch_size: int = 256
     num_workers: int = 4
     recipe: str = "simclr"
@@ -85,6 +86,10 @@ class DataConfig:
     shuffle_buffer: int = 4096  # samples mixed at once (DALI: initial_fill; cpu: window of the epoch order)
     prefetch: int = 2  # batches prepared ahead per worker (cpu) / pipeline queue depth (dali)
     index_cache_dir: str | None = None  # where .idx files of remote (s3://) shards are staged for DALI
+    # torch backend: keep the decoded split on the device (`resident`), decode each batch (`stream`), or
+    # `auto`: resident when its uint8 pixels fit `resident_budget_gib`, streaming otherwise
+    source: Literal["auto", "resident", "stream"] = "auto"
+    resident_budget_gib: float = 4.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
@@ -95,6 +100,10 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.resident_budget_gib <= 0:
+            raise ConfigError(f"data.resident_budget_gib must be > 0, got {self.resident_budget_gib}")
+        if self.source != "auto" and self.backend != "torch":
+            raise ConfigError(f"data.source={self.source} needs data.backend=torch (got {self.backend!r})")
         if self.global_crops is not None and self.global_crops < 1:
             raise ConfigError(f"data.global_crops must be >= 1, got {self.global_crops}")
         if self.local_crops is not None and self.local_crops < 0:

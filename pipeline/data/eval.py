@@ -1,16 +1,42 @@
-"""Evaluation data: resize + centre-crop + normalise, every sample once, in stored order."""
+"""Evaluation data: resize + centre-crop + normalise, every sample once, in stored order.
+
+Two paths with the same geometry: torchvision in DataLoader workers, or (`resident_budget_gib`) the
+split decoded once into device memory and kept there for every later call in this process, e.g. the
+online kNN monitor's bank and queries each epoch, then resized on the device in batches.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
+from pipeline.data.batch_augment import resize_weights, separable
 from pipeline.data.cpu import Collate, ShardSamples
 from pipeline.data.recipes import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.data.resident import OverBudget, ResidentImages, decode_resident
 from pipeline.data.shards import load_shard_set
+
+log = logging.getLogger(__name__)
+RESIDENT_SPLITS = 2  # decoded splits kept per process: the kNN monitor's bank and queries
+
+
+@functools.lru_cache(maxsize=RESIDENT_SPLITS)
+def _resident_split(
+    root: str, split: str, device: str, budget_bytes: int, num_workers: int
+) -> ResidentImages | None:
+    try:
+        shards = load_shard_set(root, split)
+        return decode_resident(
+            shards, device=torch.device(device), budget_bytes=budget_bytes, num_workers=num_workers
+        )
+    except OverBudget as e:
+        log.warning("%s; evaluating from the shards instead", e)
+        return None
 
 
 class EvalLoader:
@@ -31,11 +57,19 @@ class EvalLoader:
         resize_size: int | None,
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
+        resident_budget_gib: float | None = None,
     ) -> None:
         self.shards = load_shard_set(shards, split)
         self.device = device
         self.ids = list(range(rank, self.shards.num_samples, world_size))
+        self.batch_size, self.image_size, self.mean, self.std = batch_size, image_size, mean, std
         resize = resize_size or (image_size if image_size <= 64 else round(image_size / 0.875))
+        self.resize = resize
+        self.resident = None
+        if resident_budget_gib is not None:
+            budget = int(resident_budget_gib * 2**30)
+            args = (self.shards.root, self.shards.split, str(device), budget, num_workers)
+            self.resident = _resident_split(*args)
         transform = v2.Compose(
             [
                 v2.Resize(resize, antialias=True),
@@ -64,11 +98,29 @@ class EvalLoader:
         return len(self._loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        if self.resident is not None:
+            yield from self._resident_batches()
+            return
         for views, labels, _ in self._loader:
             yield (
                 views[0].to(self.device, non_blocking=True),
                 (None if labels is None else labels.to(self.device, non_blocking=True)),
             )
+
+    def _resident_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        for lo in range(0, len(self.ids), self.batch_size):
+            ids = torch.tensor(self.ids[lo : lo + self.batch_size], dtype=torch.int64)
+            images, sizes, labels = self.resident.gather(ids)
+            # Resize the shorter side to `resize`, centre-crop `image_size`: a centred square of the source.
+            side = sizes.min(1).values.float() * self.image_size / self.resize
+            top, left = ((sizes.float() - side[:, None]) / 2).unbind(1)
+            no_flip = torch.zeros(len(ids), dtype=torch.bool)
+            rows = resize_weights(top, side, no_flip, self.image_size, images.shape[2]).to(self.device)
+            cols = resize_weights(left, side, no_flip, self.image_size, images.shape[3]).to(self.device)
+            pixels = separable(images.float(), rows / 255, cols)
+            yield (pixels - mean) / std, labels
 
 
 def build_eval_loader(
@@ -84,9 +136,12 @@ def build_eval_loader(
     resize_size: int | None = None,
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
+    resident_budget_gib: float | None = None,
 ) -> EvalLoader:
     """Eval loader over `shards` (folder/URL with manifest.json). `split` None: the manifest's only split.
-    `resize_size` None: the shorter side to image_size / 0.875 (image_size itself at <= 64 px)."""
+    `resize_size` None: the shorter side to image_size / 0.875 (image_size itself at <= 64 px).
+    `resident_budget_gib`: decode the split once into `device` memory when it fits (kept for later calls
+    in this process; the torch backend's path), else read the shards each time."""
     return EvalLoader(
         shards,
         image_size=image_size,
@@ -99,4 +154,5 @@ def build_eval_loader(
         resize_size=resize_size,
         mean=mean,
         std=std,
+        resident_budget_gib=resident_budget_gib,
     )

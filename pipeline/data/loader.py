@@ -1,6 +1,6 @@
-"""One entry point for training data: `build_loader(cfg, ...)` picks the DALI or the CPU backend.
+"""One entry point for training data: `build_loader(cfg, ...)` picks the DALI, torch or CPU backend.
 
-Both backends yield `Batch(views, labels)` with views as [V x (B, 3, H_v, W_v)] on `device`, have
+Every backend yields `Batch(views, labels)` with views as [V x (B, 3, H_v, W_v)] on `device`, have
 `len()` = batches per epoch per rank (equal on every rank), and keep a position (epoch, batches
 consumed) that `state_dict()` exposes and `load_state_dict()` restores.
 """
@@ -17,6 +17,7 @@ from pipeline.data.config import DataConfig
 if TYPE_CHECKING:
     from pipeline.data.cpu import CpuLoader
     from pipeline.data.dali import DaliLoader
+    from pipeline.data.torch_loader import TorchLoader
 
 
 @dataclass
@@ -80,13 +81,17 @@ def build_loader(
     world_size: int = 1,
     seed: int = 0,
     device: torch.device | str = "cpu",
-) -> CpuLoader | DaliLoader:
-    """The training loader of `cfg.backend` for this rank: `CpuLoader` or `DaliLoader`."""
+) -> CpuLoader | DaliLoader | TorchLoader:
+    """The training loader of `cfg.backend` for this rank: `CpuLoader`, `DaliLoader` or `TorchLoader`."""
     device = torch.device(device)
     if cfg.backend == "dali":
         from pipeline.data.dali import DaliLoader
 
         return DaliLoader(cfg, split=split, rank=rank, world_size=world_size, seed=seed, device=device)
+    if cfg.backend == "torch":
+        from pipeline.data.torch_loader import TorchLoader
+
+        return TorchLoader(cfg, split=split, rank=rank, world_size=world_size, seed=seed, device=device)
     from pipeline.data.cpu import CpuLoader
 
     return CpuLoader(cfg, split=split, rank=rank, world_size=world_size, seed=seed, device=device)
