@@ -69,6 +69,8 @@ def evaluate(
             rank=rank,
             world_size=world_size,
             device=device,
+            # the torch backend decodes the held-out split once and keeps it on the device
+            resident_budget_gib=cfg.data.resident_budget_gib if cfg.data.backend == "torch" else None,
         )
 
     # Shards made with --val-fraction hold both splits in one folder: query the held-out one.
