@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHMARKS = ("prep", "loader", "loss", "step")
+BENCHMARKS = ("prep", "loader", "loss", "step", "quality")
 
 
 def main(argv: list[str]) -> int:
