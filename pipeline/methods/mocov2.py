@@ -25,6 +25,11 @@ from pipeline.models import ModelConfig
 class MoCoV2Config:
     """momentum_end: None keeps `momentum` constant (the paper); a value follows a cosine to it.
     symmetric: also contrast view 2's query with view 1's key (a common CIFAR improvement).
+    queue_between_directions (symmetric only): view 2's keys join the queue before the second direction's
+        loss, so those queries also meet this batch's keys, fresh from the current key encoder, as
+        negatives (lightly's order: its memory bank advances inside each loss call). False: both
+        directions see only the queue from before this batch (the MoCo CIFAR demo's order); see
+        BENCHMARKS.md, "Representation quality", for what it is worth.
     Multi-crop's local crops are extra queries against the same keys."""
 
     name: str = "mocov2"
@@ -34,6 +39,7 @@ class MoCoV2Config:
     momentum_end: float | None = None
     shuffle_bn: bool = True
     symmetric: bool = False
+    queue_between_directions: bool = True
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -80,8 +86,10 @@ class MoCoV2(MomentumMethod):
         q = dict(zip([*global_queries, *range(num_global, len(views))], queries, strict=True))  # crop: (B, D)
         with torch.no_grad():
             k = {j: self._keys(global_crops[j]) for j in key_crops}
-        queue = self.queue.clone()  # the loss must see the queue before this batch's keys join it
-        loss = sum(moco_info_nce(q[i], k[j], queue, t) for i, j in pairs) / len(pairs)
+        queue, losses = self.queue.clone(), []  # a copy: the loss must not see keys enqueued after it
         for j in key_crops:
+            losses += [moco_info_nce(q[i], k[j], queue, t) for i, key in pairs if key == j]
             self._enqueue(k[j])
-        return loss, {}
+            if self.cfg.queue_between_directions:
+                queue = self.queue.clone()
+        return sum(losses) / len(losses), {}
