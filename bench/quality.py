@@ -2,9 +2,10 @@
 
 Trains `--config` (+ overrides) with the real trainer on labelled shards, then classifies the held-out
 shards by weighted kNN (k and temperature from `eval.k` / `eval.temperature`: 200 and 0.1, lightly's
-protocol) against the training shards seen through the eval transform, with the same code as the
-trainer's online monitor. The same backbone at random init is the floor every method must clear. Prints
-one JSON line per seed, so a regression in what a method learns is caught the way a slowdown is.
+protocol) against the training shards seen through the eval transform (`pipeline.eval.knn`, the code
+`pipeline.eval knn` and the online monitor use). The same backbone at random init is the floor. Prints
+one JSON line per seed, so a regression in what a method learns is caught the way a slowdown is;
+`images_per_s` is end to end (training images over the trainer's wall time, startup and checkpoints in).
 
 `--preset cpu` (the default) sizes the run for a CPU: the `tiny` ResNet with the standard stem, batch
 256, 4 epochs, DALI in CPU mode, fp32. `--preset config` keeps the config's own settings: with
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval.every_epochs=0",
         "eval.embed_map=false",
         "checkpoint.keep_last=1",
+        "checkpoint.resume=none",  # a reused --keep folder trains afresh instead of resuming a finished run
         "logging.progress_bar=false",
         "logging.wandb.mode=disabled",
         *args.overrides,
