@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -97,23 +98,23 @@ def knn_top1(cfg, backbones: list[torch.nn.Module], device: torch.device) -> lis
     ]
 
 
-def quality_run(config: str, overrides: list[str], seed: int, out_dir: Path) -> dict:
-    """Train one seed into `out_dir`, then kNN-evaluate it and its random init; one result row."""
-    from pipeline.distributed import leave_process_group
+def quality_run(config: str, overrides: list[str], seed: int, out_dir: Path) -> dict | None:
+    """Train one seed into `out_dir`, then kNN-evaluate it and its random init on rank 0: its result row
+    (None on the other ranks of a torchrun job)."""
     from pipeline.engine.trainer import train
     from pipeline.eval.features import load_backbone
 
     cfg = load(config, [*overrides, f"run.seed={seed}", f"run.output_dir={out_dir}"])
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     start = time.perf_counter()
-    try:
-        result = train(cfg)
-    finally:
-        leave_process_group(completed=True)
+    result = train(cfg)
     train_s = time.perf_counter() - start
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     nets = [load_backbone(str(out_dir)), load_backbone(str(out_dir), random_init=True, seed=seed)]
     trained, random = knn_top1(cfg, [b.module.to(device) for b in nets], device)
-    images = result.step * cfg.data.batch_size * cfg.train.grad_accum_steps
+    global_batch_size = cfg.data.batch_size * cfg.train.grad_accum_steps * world_size
     return {
         "bench": "quality",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -123,10 +124,10 @@ def quality_run(config: str, overrides: list[str], seed: int, out_dir: Path) -> 
         "seed": seed,
         "epochs": cfg.train.epochs,
         "steps": result.step,
-        "global_batch_size": cfg.data.batch_size * cfg.train.grad_accum_steps,
+        "global_batch_size": global_batch_size,
         "knn_top1": round(trained, 4),
         "random_init_knn_top1": round(random, 4),
-        "images_per_s": round(images / train_s, 1),
+        "images_per_s": round(result.step * global_batch_size / train_s, 1),
         "train_s": round(train_s, 1),
     }
 
@@ -159,15 +160,27 @@ def main(argv: list[str] | None = None) -> int:
         *args.overrides,
     ]
     try:
+        if "WORLD_SIZE" in os.environ and not args.keep:
+            raise ConfigError(
+                "--keep DIR is needed under torchrun: every rank must write the same run folder"
+            )
         load(args.config, overrides)  # every mistake in one line before any training
         for option, shards in (("--train-shards", args.train_shards), ("--val-shards", args.val_shards)):
             check_labelled(option, shards)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
-        root = Path(args.keep or tmp)
-        for seed in args.seed or [0]:
-            row = quality_run(args.config, overrides, seed, root / f"seed-{seed}")
-            print(json.dumps(row), flush=True)
+    from pipeline.distributed import leave_process_group
+
+    completed = False
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
+            root = Path(args.keep or tmp)
+            for seed in args.seed or [0]:
+                row = quality_run(args.config, overrides, seed, root / f"seed-{seed}")
+                if row is not None:
+                    print(json.dumps(row), flush=True)
+        completed = True
+    finally:
+        leave_process_group(completed=completed)
     return 0
