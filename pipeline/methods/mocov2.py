@@ -25,11 +25,11 @@ from pipeline.models import ModelConfig
 class MoCoV2Config:
     """momentum_end: None keeps `momentum` constant (the paper); a value follows a cosine to it.
     symmetric: also contrast view 2's query with view 1's key (a common CIFAR improvement).
-    queue_between_directions (symmetric only): view 2's keys join the queue before the second direction's
-        loss, so those queries also meet this batch's keys, fresh from the current key encoder, as
-        negatives (lightly's order: its memory bank advances inside each loss call). False: both
-        directions see only the queue from before this batch (the MoCo CIFAR demo's order); see
-        BENCHMARKS.md, "Representation quality", for what it is worth.
+    queue_between_directions (symmetric only): each key crop's keys join the queue before the next key
+        crop's losses (two views: view 2's keys before the second direction's), so later queries also
+        meet this batch's keys, fresh from the current key encoder, as negatives (lightly's order: its
+        memory bank advances inside each loss call). False: every direction sees only the queue from
+        before this batch (the MoCo CIFAR demo's order). BENCHMARKS.md, "Representation quality".
     Multi-crop's local crops are extra queries against the same keys."""
 
     name: str = "mocov2"
