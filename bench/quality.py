@@ -16,6 +16,7 @@ Overrides given after the options win over both.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -174,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
 
     completed = False
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
-            root = Path(args.keep or tmp)
+        keep = contextlib.nullcontext(args.keep)  # no temp folder to leave behind when one is given
+        with keep if args.keep else tempfile.TemporaryDirectory(prefix="bench-quality-") as folder:
+            root = Path(folder)
             for seed in args.seed or [0]:
                 row = quality_run(args.config, overrides, seed, root / f"seed-{seed}")
                 if row is not None:
