@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHMARKS = ("prep", "loader", "loss", "step", "comm", "gpu")
+BENCHMARKS = ("prep", "loader", "loss", "step", "comm", "gpu", "quality")
 
 
 def main(argv: list[str]) -> int:

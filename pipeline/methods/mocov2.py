@@ -27,6 +27,11 @@ class MoCoV2Config:
     symmetric: also contrast view 2's query with view 1's key (a common CIFAR improvement).
     shuffle_group_size: shuffle the keys' batch within blocks of this many consecutive ranks (the
     processes per node keeps the images off the inter-node links); None shuffles over every rank.
+    queue_between_directions (symmetric only): each key crop's keys join the queue before the next key
+        crop's losses (two views: view 2's keys before the second direction's), so later queries also
+        meet this batch's keys, fresh from the current key encoder, as negatives (lightly's order: its
+        memory bank advances inside each loss call). False: every direction sees only the queue from
+        before this batch (the MoCo CIFAR demo's order). BENCHMARKS.md, "Representation quality".
     Multi-crop's local crops are extra queries against the same keys."""
 
     name: str = "mocov2"
@@ -37,6 +42,7 @@ class MoCoV2Config:
     shuffle_bn: bool = True
     symmetric: bool = False
     shuffle_group_size: int | None = None
+    queue_between_directions: bool = True
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -86,8 +92,10 @@ class MoCoV2(MomentumMethod):
         q = dict(zip([*global_queries, *range(num_global, len(views))], queries, strict=True))  # crop: (B, D)
         with torch.no_grad():
             k = {j: self._keys(global_crops[j]) for j in key_crops}
-        queue = self.queue.clone()  # the loss must see the queue before this batch's keys join it
-        loss = sum(moco_info_nce(q[i], k[j], queue, t) for i, j in pairs) / len(pairs)
+        queue, losses = self.queue.clone(), []  # a copy: the loss must not see keys enqueued after it
         for j in key_crops:
+            losses += [moco_info_nce(q[i], k[j], queue, t) for i, key in pairs if key == j]
             self._enqueue(k[j])
-        return loss, {}
+            if self.cfg.queue_between_directions:
+                queue = self.queue.clone()
+        return sum(losses) / len(losses), {}
