@@ -76,27 +76,34 @@ VIT = ModelConfig(
 )
 
 
-def _check_mocov2_matches_one_process(r: int, world: int) -> None:
-    local_b = 4
+def _mocov2_one_process(world: int) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """One process's loss and gradients over the global batch; computed before the process group
+    exists, so the queue is filled from this batch's keys alone (as on one GPU)."""
     g = torch.Generator().manual_seed(1)
-    views = [torch.randn(world * local_b, 3, 16, 16, generator=g) for _ in range(2)]
-    cfg = MoCoV2Config(queue_size=64, symmetric=True)
+    views = [torch.randn(world * 4, 3, 16, 16, generator=g) for _ in range(2)]
     torch.manual_seed(0)
-    reference = MoCoV2(VIT, dataclasses.replace(cfg, shuffle_bn=False))
-    ref_loss, _ = reference(views, None)  # one process's loss over the global batch (queue before it)
-    ref_loss.backward()
+    reference = MoCoV2(VIT, dataclasses.replace(MOCO, shuffle_bn=False))
+    loss, _ = reference(views, None)
+    loss.backward()
+    return views, loss.detach(), {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
 
+
+MOCO = MoCoV2Config(queue_size=64, symmetric=True)  # the second direction meets the first's keys
+
+
+def _check_mocov2_matches_one_process(
+    r: int, views: list[torch.Tensor], ref_loss: torch.Tensor, ref_grads: dict[str, torch.Tensor]
+) -> None:
     torch.manual_seed(0)
-    method = MoCoV2(VIT, cfg)
-    part = slice(r * local_b, (r + 1) * local_b)
+    method = MoCoV2(VIT, MOCO)
+    part = slice(r * 4, (r + 1) * 4)
     ddp = DistributedDataParallel(method)  # kept alive: its reducer all-reduces in backward
     loss, _ = ddp([v[part] for v in views], None)
     loss.backward()
-    torch.testing.assert_close(pd.all_reduce_mean(loss), ref_loss.detach(), atol=1e-5, rtol=1e-5)
-    ref_grads = dict(reference.named_parameters())
+    torch.testing.assert_close(pd.all_reduce_mean(loss), ref_loss, atol=1e-5, rtol=1e-5)
     for name, p in method.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(p.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+            torch.testing.assert_close(p.grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def _worker(r: int, world: int, port: int) -> None:
@@ -105,6 +112,7 @@ def _worker(r: int, world: int, port: int) -> None:
     )
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
+    reference = _mocov2_one_process(world) if world == 2 else None
     pd.init_from_env(timeout_s=60)
     completed = False
     try:
@@ -115,7 +123,7 @@ def _worker(r: int, world: int, port: int) -> None:
             with pytest.raises(ValueError, match=r"method\.shuffle_group_size=3"):
                 pd.shuffle_batch(_global_ids(r), group_size=3)
         else:  # DDP's first construction imports torch._dynamo: seconds per rank on a small machine
-            _check_mocov2_matches_one_process(r, world)
+            _check_mocov2_matches_one_process(r, *reference)
         completed = True
     finally:
         pd.leave_process_group(completed=completed)
