@@ -94,38 +94,32 @@ _SIMCLR = Recipe(
     local_solarize_p=0.0,
 )
 # The others, as their differences from SimCLR's.
+# BYOL's asymmetric views: blur 1.0 / 0.1 and solarise 0 / 0.2 on the two global crops.
+_BYOL = replace(
+    _SIMCLR,
+    brightness=0.4,
+    contrast=0.4,
+    saturation=0.2,
+    hue=0.1,
+    global_blur_p=(1.0, 0.1),
+    global_solarize_p=(0.0, 0.2),
+    local_solarize_p=0.2,
+)
+
 RECIPES: dict[str, Recipe] = {
     "simclr": _SIMCLR,
     "mocov2": replace(
         _SIMCLR, global_scale=(0.2, 1.0), brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1
     ),
-    "byol": replace(
-        _SIMCLR,
-        brightness=0.4,
-        contrast=0.4,
-        saturation=0.2,
-        hue=0.1,
-        global_blur_p=(1.0, 0.1),
-        global_solarize_p=(0.0, 0.2),
-        local_solarize_p=0.2,
-    ),
+    "byol": _BYOL,
     "multicrop": replace(_SIMCLR, local_crops=6, global_scale=(0.14, 1.0)),
     # SwAV's main_swav.py: 2 x 224 px at scale (0.14, 1) + 6 x 96 px at (0.05, 0.14), colour strength 1,
     # blur 0.5 on every crop, no solarisation: the multi-crop recipe, named for its paper.
     "swav": replace(_SIMCLR, local_crops=6, global_scale=(0.14, 1.0)),
-    # DINO's DataAugmentationDINO: global crops at (0.4, 1) with BYOL's colour and blur 1.0 / 0.1 and
-    # solarise 0 / 0.2; 8 local crops of 96 px at (0.05, 0.4), blur 0.5.
+    # DINO's DataAugmentationDINO: BYOL's global crops at scale (0.4, 1); 8 local crops of 96 px at
+    # (0.05, 0.4), blur 0.5, no solarisation.
     "dino": replace(
-        _SIMCLR,
-        local_crops=8,
-        global_scale=(0.4, 1.0),
-        local_scale=(0.05, 0.4),
-        brightness=0.4,
-        contrast=0.4,
-        saturation=0.2,
-        hue=0.1,
-        global_blur_p=(1.0, 0.1),
-        global_solarize_p=(0.0, 0.2),
+        _BYOL, local_crops=8, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), local_solarize_p=0.0
     ),
 }
 
