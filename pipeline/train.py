@@ -5,8 +5,8 @@ The config is validated before anything starts: a mistake is one line naming the
 Exit codes: 0 done or stopped by its own signal with a checkpoint saved; 1 the loss diverged or an
 unexpected error (a traceback); 2 refused, in one line naming the key or path: a config mistake, a
 resume that would change what the run learns, an unwritable, full or damaged checkpoint location, a
-run folder in use; 138 stopped because another rank was signalled or lost: restart the job
-(pipeline/engine/preemption.py).
+run folder in use, shards that became unreadable mid-run; 138 stopped because another rank was
+signalled or lost: restart the job (pipeline/engine/preemption.py).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
+    from pipeline.data.shards import UnreadableShards
     from pipeline.distributed import leave_process_group
     from pipeline.engine.checkpoint import CheckpointError
     from pipeline.engine.health import TrainingDiverged
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (CheckpointError, RunFolderBusy, LoggingError) as e:  # storage, a busy run folder, W&B
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except UnreadableShards as e:  # deleted or damaged mid-run: the newest checkpoint stays resumable
+        print(f"error: {UnreadableShards.one_line(e)}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)

@@ -118,6 +118,30 @@ def test_checkpoint_from_an_older_config_schema_resumes(
     assert [r["step"] for r in _rows(out) if "loss" in r] == [1, 2, 3, 4]
 
 
+def test_shard_deleted_between_epochs_stops_in_one_line_and_resumes_once_back(
+    tiny: Path, sample_val_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """Epoch 1 checkpointed, then a shard disappears (was: a traceback from the loader's workers): one
+    line naming the shard, exit 2, the checkpoint intact; with the shard back the run finishes epoch 2."""
+    import shutil
+
+    shards = Path(shutil.copytree(tiny, tmp_path / "shards"))
+    out = tmp_path / "run"
+    workers = "data.num_workers=1"  # the error crosses a DataLoader worker, as in a real run
+    common = _overrides(shards, sample_val_shards, out, NO_WANDB, "train.max_steps=null", workers)
+    assert _train_here([*common, "train.epochs=1"]) == 0  # 6 steps of 16
+    gone = shards / "train-000001.tar"
+    kept = gone.rename(tmp_path / gone.name)
+    capsys.readouterr()
+    assert _train_here([*common, "train.epochs=2"]) == 2
+    line = _last_err_line(capsys)
+    assert line.startswith("error: ") and f"{gone} no longer exists" in line and "resume" in line
+    assert (out / "checkpoints" / "step-00000006" / "state.pt").exists()
+    kept.rename(gone)
+    assert _train_here([*common, "train.epochs=2"]) == 0
+    assert [r["step"] for r in _rows(out) if "loss" in r][-1] == 12
+
+
 def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact(
     sample_shards: Path, sample_val_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):

@@ -24,7 +24,7 @@ from pipeline.data import sampling
 from pipeline.data.config import DataConfig
 from pipeline.data.loader import Batch, Position
 from pipeline.data.recipes import ViewSpec, resolve_views
-from pipeline.data.shards import VERIFY_HINT, SampleReader, ShardSet, load_shard_set
+from pipeline.data.shards import VERIFY_HINT, SampleReader, ShardSet, UnreadableShards, load_shard_set
 
 log = logging.getLogger(__name__)
 MAX_REPLACEMENTS = 32  # consecutive undecodable samples before giving up: the shards are broken
@@ -105,6 +105,8 @@ class ShardSamples(Dataset):
             try:
                 image = decode(self.reader.image_bytes(candidate))
                 label = self.reader.label(candidate)
+            except UnreadableShards:
+                raise
             except (RuntimeError, OSError, ValueError) as e:
                 log.warning(
                     "skipping undecodable sample %s (%s); %s",
@@ -114,7 +116,7 @@ class ShardSamples(Dataset):
                 )
                 continue
             return self._views(image, candidate, epoch), label, replaced
-        raise RuntimeError(
+        raise UnreadableShards(
             f"{MAX_REPLACEMENTS} consecutive undecodable samples from "
             f"{self.reader.shards.locate(sample_id)}; " + VERIFY_HINT.format(root=self.reader.shards.root)
         )

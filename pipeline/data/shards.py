@@ -23,6 +23,17 @@ REMOTE_BLOCK_BYTES = 4 << 20
 VERIFY_HINT = "run `python -m data_prep verify {root}` to find damaged shards"
 
 
+class UnreadableShards(RuntimeError):
+    """Shards that stopped being readable mid-run (a shard deleted, every sample in a row undecodable):
+    the run stops in one line naming the shard, and resumes from its newest checkpoint once they are back."""
+
+    @staticmethod
+    def one_line(error: BaseException) -> str:
+        """The original one-line message, also when a DataLoader worker re-raised it with its traceback."""
+        last = str(error).strip().splitlines()[-1]
+        return last.split(f"{UnreadableShards.__name__}: ", 1)[-1]
+
+
 @dataclass(frozen=True)
 class ShardSet:
     """All samples of one split, in stored order (sample id = position in this order)."""
@@ -169,7 +180,13 @@ class SampleReader:
             # remote: small read-ahead blocks, since samples are read in a shuffled order within a window
             remote = {"block_size": REMOTE_BLOCK_BYTES, "cache_type": "readahead"} if "://" in url else {}
             fs, path = fsspec.core.url_to_fs(url)
-            handle = fs.open(path, "rb", **remote)
+            try:
+                handle = fs.open(path, "rb", **remote)
+            except FileNotFoundError as e:  # the storage lost it: not a damaged sample to skip
+                raise UnreadableShards(
+                    f"{url} no longer exists; put it back and run the same command again to resume from the "
+                    "newest checkpoint, or shard into a new folder"
+                ) from e
             self._handles[shard] = handle
         handle.seek(offset)
         data = handle.read(size)

@@ -1,11 +1,13 @@
-"""One training per run folder: rank 0 holds an exclusive `flock` on RUN/.lock for the run's lifetime.
+"""One training per run folder: rank 0 holds an exclusive POSIX lock on RUN/.lock for the run's lifetime.
 
-The kernel drops a flock when its holder dies, so a run killed with SIGKILL never blocks the next one;
-the lock file itself stays and only says who held it last.
+The kernel drops the lock when its holder dies, so a run killed with SIGKILL never blocks the next one;
+the lock file itself stays and only says who held it last. A POSIX (`lockf`) lock, not a `flock`: it
+belongs to the process, so forked DataLoader workers that outlive a failed run do not keep holding it.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -28,8 +30,11 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise
             holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown process"
             os.close(fd)
             raise RunFolderBusy(
@@ -43,5 +48,5 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
+            os.close(self._fd)  # closing the descriptor drops the lock
             self._fd = None
