@@ -7,7 +7,7 @@ the two views are drawn with batched tensor augmentation (crops through roi_alig
 grayscale) so the test fits in well under a minute on a 2-core CPU. The tiny ResNet without the CIFAR
 stem takes 32 px input to 8x8 maps at layer1: 2-8 s per epoch here, depending on the machine's load.
 Measured while writing (4 epochs, seeds 0/1/2): kNN top-1 0.196/0.168/0.178 at init -> 0.266/0.234/0.228
-(SimCLR); seeds 0/1, hard negatives 0.270/0.234, triplet 0.248/0.286 (README).
+(SimCLR); hard negatives 0.270/0.234/0.248, triplet 0.248/0.286/0.214 (README).
 """
 
 from __future__ import annotations
