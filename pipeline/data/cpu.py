@@ -164,6 +164,24 @@ class EpochBatches:
         self.shards, self.position, self.seed, self.window = shards, position, seed, window
         self.rank, self.batch_size, self.world_size = rank, batch_size, world_size
 
+    @classmethod
+    def for_rank(cls, cfg: DataConfig, split: str, *, rank: int, world_size: int, seed: int) -> EpochBatches:
+        """This rank's batches of `split` (shards loaded, position at epoch 0): what every loader that
+        shards by sample id (cpu, torch) starts from."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        shards = load_shard_set(cfg.train_shards, split)
+        position = Position(sampling.batches_per_epoch(shards.num_samples, cfg.batch_size, world_size))
+        return cls(
+            shards,
+            position,
+            seed=seed,
+            window=cfg.shuffle_buffer,
+            rank=rank,
+            batch_size=cfg.batch_size,
+            world_size=world_size,
+        )
+
     def __len__(self) -> int:
         return self.position.batches_per_epoch - self.position.batches_consumed
 
@@ -183,25 +201,12 @@ class CpuLoader:
     def __init__(
         self, cfg: DataConfig, *, split: str, rank: int, world_size: int, seed: int, device: torch.device
     ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self._batches = EpochBatches.for_rank(cfg, split, rank=rank, world_size=world_size, seed=seed)
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
-        self.shards = load_shard_set(cfg.train_shards, split)
+        self.shards, self.position = self._batches.shards, self._batches.position
         self.views = resolve_views(cfg)
-        self.position = Position(
-            sampling.batches_per_epoch(self.shards.num_samples, cfg.batch_size, world_size)
-        )
         self.replaced_samples = 0
         dataset = ShardSamples(self.shards, [view_transform(v) for v in self.views], seed=seed, seeded=True)
-        self._batches = EpochBatches(
-            self.shards,
-            self.position,
-            seed=seed,
-            window=cfg.shuffle_buffer,
-            rank=rank,
-            batch_size=cfg.batch_size,
-            world_size=world_size,
-        )
         workers = cfg.num_workers
         self._loader = DataLoader(
             dataset,

@@ -17,14 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data import sampling
 from pipeline.data.batch_augment import BatchAugment
 from pipeline.data.config import DataConfig
 from pipeline.data.cpu import EpochBatches
-from pipeline.data.loader import Batch, Position
+from pipeline.data.loader import Batch
 from pipeline.data.recipes import resolve_views
 from pipeline.data.resident import OverBudget, ResidentImages, decode_resident
-from pipeline.data.shards import load_shard_set
 from pipeline.data.streaming import StreamingSource
 
 log = logging.getLogger(__name__)
@@ -41,27 +39,14 @@ class TorchLoader:
     def __init__(
         self, cfg: DataConfig, *, split: str, rank: int, world_size: int, seed: int, device: torch.device
     ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self._batches = EpochBatches.for_rank(cfg, split, rank=rank, world_size=world_size, seed=seed)
         self.cfg, self.rank, self.world_size, self.seed, self.device = cfg, rank, world_size, seed, device
-        self.shards = load_shard_set(cfg.train_shards, split)
+        self.shards, self.position = self._batches.shards, self._batches.position
         self.views = resolve_views(cfg)
-        self.position = Position(
-            sampling.batches_per_epoch(self.shards.num_samples, cfg.batch_size, world_size)
-        )
         self.augment = BatchAugment(
             self.views,
             dtype=torch.float16 if cfg.dtype == "float16" else torch.float32,
             channels_last=cfg.channels_last,
-        )
-        self._batches = EpochBatches(
-            self.shards,
-            self.position,
-            seed=seed,
-            window=cfg.shuffle_buffer,
-            rank=rank,
-            batch_size=cfg.batch_size,
-            world_size=world_size,
         )
         self.resident = self._resident()
         self.stream = None
