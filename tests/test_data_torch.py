@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from loader_presets import IDENTITY, PLAIN
 from PIL import Image
+from ports import free_port
 
 from data_prep.__main__ import main as data_prep_main
 from pipeline.config import ConfigError
@@ -99,12 +99,6 @@ def test_restored_loader_yields_bit_identical_batches(sample_val_shards, source)
     assert not torch.equal(reference[0].views[0], reference[10].views[0])  # epochs differ
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_worker(rank: int, world: int, port: int, shards: str, out: str) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
@@ -125,7 +119,7 @@ def _rank_worker(rank: int, world: int, port: int, shards: str, out: str) -> Non
 
 def test_two_gloo_ranks_read_disjoint_parts_in_equal_steps(sample_val_shards, tmp_path):
     out = tmp_path / "ranks.json"
-    args = (2, _free_port(), str(sample_val_shards), str(out))
+    args = (2, free_port(), str(sample_val_shards), str(out))
     # fork: the ranks inherit this process's imports instead of paying torch's import again each
     mp.start_processes(_rank_worker, args=args, nprocs=2, join=True, start_method="fork")
     ranks = json.loads(out.read_text())

@@ -7,24 +7,18 @@ a failing check raises in its rank and `spawn` re-raises it here with the traceb
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ports import free_port
 
 from pipeline import distributed as pd
 from pipeline.losses import info_nce, mined_triplet, moco_info_nce, sinkhorn_knopp, supcon
 
 TEMPERATURE = 0.1
 LOCAL_BATCH = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_views(world: int, dtype: torch.dtype, d: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +157,7 @@ def _worker(r: int, world: int, port: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_distributed_paths_match_one_process(world: int) -> None:
-    mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port()), nprocs=world, join=True)
 
 
 def test_without_a_process_group_everything_is_a_world_of_one(monkeypatch: pytest.MonkeyPatch) -> None:

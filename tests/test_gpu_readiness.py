@@ -168,7 +168,7 @@ def _eval_rank(rank: int, world: int, port: int, cfg, out: str) -> None:
 def test_online_eval_on_two_ranks_equals_one_process(sample_val_shards: Path, tmp_path: Path) -> None:
     """2 gloo ranks each extract half of the bank and the queries; gathered in sample order, kNN top-1
     and embedding std equal one process's over the same data."""
-    from s3 import free_port
+    from ports import free_port
 
     from pipeline.engine.online_eval import evaluate
 

@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from ports import free_port
 
 from launch.k8s.__main__ import main as k8s_main
 
@@ -241,12 +241,6 @@ def test_examples_are_current_and_valid() -> None:
             validate(doc, K8S_VERSIONS[-1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pod_command(doc: dict[str, Any], first_pod_host: str) -> tuple[list[str], dict[str, str]]:
     """What the kubelet would run in one pod of `doc`, mapped onto this checkout: the image's working
     directory is the repository root, the image's PATH holds the venv, pod 0's DNS name is loopback."""
@@ -274,7 +268,7 @@ STEPS = 24  # under one epoch (125 steps of 2 x 8 images): no epoch-end work bet
 def two_pod_argv(shards: Path, out: Path) -> list[str]:
     return [
         "--kind", "indexed-job", "--nodes", "2", "--gpus-per-node", "1", "--name", "ssl-test",
-        "--image", "unused:0", "--config", "configs/debug.yaml", "--rdzv-port", str(_free_port()),
+        "--image", "unused:0", "--config", "configs/debug.yaml", "--rdzv-port", str(free_port()),
         "--max-restarts", "3", "--wandb-secret", "wandb", "--env", "WANDB_MODE=disabled",
         "--env", "RESTART_BACKOFF=1",
         "--set", f"data.train_shards={shards}", "--set", f"run.output_dir={out}",

@@ -13,13 +13,13 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
@@ -169,7 +169,7 @@ def test_bad_config_is_not_restarted(tmp_path: Path) -> None:
     """A trainer's own error (2: the config) ends the script with that code, without a restart loop."""
     proc = subprocess.run(
         [str(TORCHRUN_SH), "--config", "configs/debug.yaml", "optim.lr=fast"],
-        cwd=ROOT, env=_env(NNODES="1", RDZV_ENDPOINT=f"127.0.0.1:{_free_port()}", MAX_RESTARTS="3"),
+        cwd=ROOT, env=_env(NNODES="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}", MAX_RESTARTS="3"),
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -203,12 +203,6 @@ kill -TERM $(cat "$STUB_DIR/tasks")
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _slurm_env(tmp_path: Path, **extra: str) -> tuple[Path, dict[str, str]]:
     """SLURM's commands as stubs in front of PATH, and the variables a 2-node batch job sees."""
     stubs = tmp_path / "slurm-bin"
@@ -218,7 +212,7 @@ def _slurm_env(tmp_path: Path, **extra: str) -> tuple[Path, dict[str, str]]:
         (stubs / name).chmod(0o755)
     env = _env(
         STUB_DIR=str(stubs), SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="node[0-1]",
-        SLURM_SUBMIT_DIR=str(ROOT), RDZV_PORT=str(_free_port()), MAX_RESTARTS="0", **extra,
+        SLURM_SUBMIT_DIR=str(ROOT), RDZV_PORT=str(free_port()), MAX_RESTARTS="0", **extra,
     )  # fmt: skip
     env["PATH"] = f"{stubs}:{env['PATH']}"
     return stubs, env

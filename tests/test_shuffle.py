@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from ports import free_port
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import distributed as pd
@@ -22,12 +22,6 @@ from pipeline.methods.mocov2 import MoCoV2, MoCoV2Config
 from pipeline.models import HeadConfig, ModelConfig
 
 B = 2  # rows per rank: small, so that a draw keeping a rank's own rows is common and must be redrawn
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_ids(r: int, b: int = B) -> torch.Tensor:
@@ -132,7 +126,7 @@ def _worker(r: int, world: int, port: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_shuffle_is_an_all_to_all_permutation_that_undoes_itself(world: int) -> None:
-    mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port()), nprocs=world, join=True)
 
 
 def test_shuffle_group_size_must_be_a_group() -> None:
