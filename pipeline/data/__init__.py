@@ -7,8 +7,9 @@ Recipes (`simclr`, `mocov2`, `byol`, `multicrop`) live in `recipes.py`, shared b
 """
 
 from pipeline.data.config import AugmentConfig, DataConfig
+from pipeline.data.contract import Batch
 from pipeline.data.eval import build_eval_loader
-from pipeline.data.loader import Batch, build_loader
+from pipeline.data.loader import build_loader
 from pipeline.data.recipes import RECIPES, ViewSpec, resolve_views
 
 __all__ = [

@@ -107,7 +107,7 @@ def resume_point(
     """Convert the saved loader position (counted in global samples) to this run's batches, and the
     optimizer-step counter to the schedule's position, so that neither the loader nor the schedule
     repeats or skips more than one batch when data.batch_size or the world size changed."""
-    from pipeline.data.loader import Position
+    from pipeline.data.contract import Position
 
     position = Position(batches_per_epoch)
     position.load_state_dict(loader_state, batch_size, world_size)
