@@ -82,7 +82,6 @@ class DataConfig:
     local_crops: int | None = None
     local_image_size: int = 96
     dtype: Literal["float32", "float16"] = "float32"
-    channels_last: bool = False
     shuffle_buffer: int = 4096  # samples mixed at once (DALI: initial_fill; cpu: window of the epoch order)
     prefetch: int = 2  # batches prepared ahead per worker (cpu) / pipeline queue depth (dali)
     index_cache_dir: str | None = None  # where .idx files of remote (s3://) shards are staged for DALI
