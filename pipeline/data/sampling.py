@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.config import ConfigError
+from pipeline.schema import ConfigError
 
 
 def epoch_order(shard_sizes: tuple[int, ...], *, seed: int, epoch: int, window: int) -> np.ndarray:
