@@ -228,13 +228,15 @@ def test_every_declared_bound_is_enforced_for_yaml_and_python(key: str, cls: typ
 
 
 def test_loading_every_shipped_config_imports_no_torch() -> None:
-    """Validating a config (as `python -m pipeline.train` does first) must not pay for torch, timm, DALI."""
+    """Validating a config, as `python -m pipeline.train` does first, must not pay for torch, timm, DALI."""
     code = (
         "import sys, glob\n"
         "from pipeline.config import load\n"
         "for path in sorted(glob.glob('configs/*.yaml')):\n"
         "    load(path, ['data.train_shards=x', 'data.val_shards=x'])\n"
         "heavy = ('torch', 'torchvision', 'timm', 'numpy', 'nvidia.dali', 'deepspeed')\n"
+        "from pipeline.train import main\n"  # its refusal of a bad key comes before any heavy import
+        "assert main(['--config', 'configs/debug.yaml', 'data.train_shards=x', 'train.epochs=0']) == 2\n"
         "print(len(glob.glob('configs/*.yaml')), sorted(m for m in heavy if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
