@@ -18,7 +18,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import distributed as pd
 from pipeline.config import ConfigError
-from pipeline.methods.mocov2 import MoCoV2, MoCoV2Config
+from pipeline.methods.config import MoCoV2Config
+from pipeline.methods.mocov2 import MoCoV2
 from pipeline.models import HeadConfig, ModelConfig
 
 B = 2  # rows per rank: small, so that a draw keeping a rank's own rows is common and must be redrawn

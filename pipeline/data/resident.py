@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.config import ConfigError
 from pipeline.data.batch_augment import pad_images
 from pipeline.data.samples import ShardSamples
 from pipeline.data.shards import ShardSet, read_manifest
+from pipeline.schema import ConfigError
 
 DECODE_CHUNK = 256  # samples per worker task while decoding
 

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.config import ConfigError
 from pipeline.data.contract import Position
 from pipeline.data.shards import ShardSet, load_shard_set
+from pipeline.schema import ConfigError
 
 if TYPE_CHECKING:
     from pipeline.data.config import DataConfig

@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import Config, ConfigError, from_dict, to_dict
+from pipeline.config import Config, from_dict
+from pipeline.schema import ConfigError, to_dict
 
 FIXED_ON_RESUME = (
     "model.",
