@@ -178,25 +178,43 @@ def ref_byol(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return sum(((p[i] / p[i].norm() - z[i] / z[i].norm()) ** 2).sum() for i in range(p.shape[0])) / p.shape[0]
 
 
-def ref_debiased_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float, tau_plus: float, beta: float | None):
-    """The official code of Chuang et al. 2020 (beta None) and Robinson et al. 2021 (beta), per anchor:
+def _ref_debiased_term(pos: torch.Tensor, neg: torch.Tensor, t: float, tau_plus: float, beta: float | None):
+    """The official code of Chuang et al. 2020 (beta None) and Robinson et al. 2021 (beta), one anchor
+    with positive pos and its K negatives neg (K,), both exp(cos / t):
     Ng = clamp((-tau+ K pos + sum) / (1 - tau+), min=K e^{-1/t}), sum re-weighted by neg^beta / mean."""
+    k = neg.shape[0]
+    if beta is None:
+        neg_sum = neg.sum()
+    else:
+        imp = (beta * neg.log()).exp()
+        neg_sum = (imp * neg).sum() / imp.mean()
+    ng = torch.clamp((-tau_plus * k * pos + neg_sum) / (1 - tau_plus), min=k * math.e ** (-1 / t))
+    return -torch.log(pos / (pos + ng))
+
+
+def ref_debiased_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float, tau_plus: float, beta: float | None):
+    """Every anchor of SimCLR's 2N views: the other view is the positive, the 2N - 2 others negatives."""
     z = torch.cat([z1, z2])
     n = z1.shape[0]
-    k = 2 * n - 2
     total = 0.0
     for i in range(2 * n):
         j = (i + n) % (2 * n)
         pos = torch.exp(_cos(z[i], z[j]) / t)
         neg = torch.exp(_cos(z[i], z[[c for c in range(2 * n) if c not in (i, j)]]) / t)
-        if beta is None:
-            neg_sum = neg.sum()
-        else:
-            imp = (beta * neg.log()).exp()
-            neg_sum = (imp * neg).sum() / imp.mean()
-        ng = torch.clamp((-tau_plus * k * pos + neg_sum) / (1 - tau_plus), min=k * math.e ** (-1 / t))
-        total = total - torch.log(pos / (pos + ng))
+        total = total + _ref_debiased_term(pos, neg, t, tau_plus, beta)
     return total / (2 * n)
+
+
+def ref_debiased_moco(q: torch.Tensor, k: torch.Tensor, queue, t: float, tau_plus: float, beta: float | None):
+    """Every query of MoCo: its own key is the positive; the K queued keys are the negatives, without a
+    queue the other N - 1 keys of the batch."""
+    n = q.shape[0]
+    total = 0.0
+    for i in range(n):
+        pos = torch.exp(_cos(q[i], k[i]) / t)
+        others = queue if queue is not None else k[[c for c in range(n) if c != i]]
+        total = total + _ref_debiased_term(pos, torch.exp(_cos(q[i], others) / t), t, tau_plus, beta)
+    return total / n
 
 
 def ref_mined_triplet(a: torch.Tensor, p: torch.Tensor, margin: float, mining: str) -> torch.Tensor:
@@ -443,6 +461,10 @@ def test_losses_reject_mismatched_shapes() -> None:
         moco_info_nce(torch.randn(4, 3), torch.randn(4, 3), torch.randn(3, 10))
     with pytest.raises(ValueError, match="chunk_size"):
         info_nce(torch.randn(4, 3), torch.randn(4, 3), chunk_size=0)
+    with pytest.raises(ValueError, match="moco_info_nce: negatives must be one of"):
+        moco_info_nce(torch.randn(4, 3), torch.randn(4, 3), negatives="hardest")
+    with pytest.raises(ValueError, match="at least one negative"):  # one query, no queue: only its own key
+        moco_info_nce(torch.randn(1, 3), torch.randn(1, 3), negatives="debiased")
     assert math.isfinite(info_nce(torch.randn(4, 3), torch.randn(4, 3)).item())
 
 
@@ -484,6 +506,31 @@ def test_debiased_and_hard_negatives_match_their_papers_code(
     plain = info_nce(z1, z2, t)
     torch.testing.assert_close(info_nce(z1, z2, t, negatives="debiased", tau_plus=0.0), plain)
     torch.testing.assert_close(info_nce(z1, z2, t, negatives="hard", tau_plus=0.0, beta=0.0), plain)
+
+
+@pytest.mark.parametrize(
+    ("shape", "queue_size", "t", "tau_plus"),
+    [((3, 8), 11, 0.07, 0.1), ((8, 16), 5, 0.2, 0.05), ((5, 4), None, 1.0, 0.4), ((16, 8), None, 0.5, 0.1)],
+)
+def test_moco_debiased_and_hard_negatives_match_their_papers_code(
+    shape: tuple[int, int], queue_size: int | None, t: float, tau_plus: float
+) -> None:
+    n, d = shape
+    q, k = _inputs(n, d, 2, seed=n + d)
+    g = torch.Generator().manual_seed(7)
+    queue = None if queue_size is None else torch.randn(queue_size, d, dtype=torch.float64, generator=g)
+    for negatives, beta in (("debiased", None), ("hard", 0.5), ("hard", 2.0)):
+        _check(
+            lambda a, b, n=negatives, w=beta or 1.0: moco_info_nce(
+                a, b, queue, t, negatives=n, tau_plus=tau_plus, beta=w
+            ),
+            lambda a, b, w=beta: ref_debiased_moco(a, b, queue, t, tau_plus, w),
+            [q, k],
+        )
+    # No class prior and no weighting: MoCo's InfoNCE.
+    plain = moco_info_nce(q, k, queue, t)
+    torch.testing.assert_close(moco_info_nce(q, k, queue, t, negatives="debiased", tau_plus=0.0), plain)
+    torch.testing.assert_close(moco_info_nce(q, k, queue, t, negatives="hard", tau_plus=0.0, beta=0.0), plain)
 
 
 def test_debiased_floor_is_reached_and_extreme_weights_stay_finite() -> None:

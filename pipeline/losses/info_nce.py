@@ -8,14 +8,9 @@ For 2M normalised embeddings u (M samples, two views) and temperature t, anchor 
 
 and the loss is the mean of l_k over all 2M anchors.
 
-`negatives` replaces the plain sum over the K = 2M - 2 negatives n_j = exp(u_k . u_j / t) of anchor k
-(positive p = exp(u_k . u_p(k) / t)) by an estimate of the sum over true negatives only:
-  debiased (Chuang et al., 2020, "Debiased Contrastive Learning", eq. 6): with class prior tau+,
-      Ng = max( (sum_j n_j - tau+ K p) / (1 - tau+), K e^{-1/t} )
-  hard (Robinson et al., 2021, "Contrastive Learning with Hard Negative Samples", eq. 4 and the
-      official code): the same with each n_j re-weighted by n_j^beta / mean_j n_j^beta, so negatives
-      close to the anchor count more: sum_j n_j -> sum_j n_j^(1+beta) / mean_j n_j^beta
-  l_k = -log( p / (p + Ng) ). Computed in log space; K counts the global batch under `gather`.
+`negatives` replaces the plain sum over anchor k's K = 2M - 2 negatives (every candidate but itself
+and its positive) by the debiased (Chuang et al., 2020) or hard-negative (Robinson et al., 2021)
+estimate of `pipeline.losses.negatives`; K counts the global batch under `gather`.
 
 With `gather=True` each rank computes l_k only for its own 2N anchors, against all 2M = 2WN global
 candidates: memory O(local x global), not O(global^2). Anchor rows keep their gradient locally;
@@ -25,16 +20,13 @@ DDP's gradient averaging the parameters get exactly the single-process gradient 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from pipeline.distributed import gather_with_grad, rank, with_global_value
 from pipeline.losses.blockwise_lse import blockwise_logsumexp
+from pipeline.losses.negatives import check_negatives, debiased_info_nce
 from pipeline.losses.precision import full_precision, upcast
-
-NEGATIVES = ("all", "debiased", "hard")
 
 
 def info_nce(
@@ -60,8 +52,7 @@ def info_nce(
         raise ValueError(
             f"info_nce expects two (N, D) views of equal shape, got {tuple(z1.shape)}, {tuple(z2.shape)}"
         )
-    if negatives not in NEGATIVES:
-        raise ValueError(f"info_nce: negatives must be one of {NEGATIVES}, got {negatives!r}")
+    check_negatives("info_nce", negatives)
     if negatives != "all" and chunk_size is not None:
         raise ValueError(f"info_nce: negatives={negatives!r} needs the full matrix, set chunk_size=None")
     with full_precision(z1.device):
@@ -121,19 +112,4 @@ def debiased_rows(
     not_negative[rows, rows + self_offset] = True
     not_negative[rows, positive_index] = True
     k = candidates.shape[0] - 2
-    # log of the (re-weighted) negative sum: log sum n^(1+b) - log sum n^b + log K; b = 0 gives log sum n.
-    log_sum = torch.logsumexp(((1 + beta) * logits).masked_fill(not_negative, -math.inf), dim=1)
-    log_sum = log_sum - torch.logsumexp((beta * logits).masked_fill(not_negative, -math.inf), dim=1)
-    log_sum = log_sum + math.log(k)
-    # log((S - tau+ K p) / (1 - tau+)) = log S + log1p(-tau+ K p / S) - log1p(-tau+), where S > tau+ K p;
-    # elsewhere the floor K e^{-1/t} takes over (the paper's max). torch.where keeps both branches finite.
-    if tau_plus > 0:
-        ratio = math.log(tau_plus * k) + positive - log_sum  # log(tau+ K p / S)
-    else:
-        ratio = torch.full_like(positive, -math.inf)
-    above = ratio < 0
-    safe_ratio = torch.where(above, ratio, torch.full_like(ratio, -1.0))
-    log_estimate = log_sum + torch.log1p(-safe_ratio.exp()) - math.log1p(-tau_plus)
-    floor = math.log(k) - 1 / temperature
-    log_negatives = torch.where(above, log_estimate.clamp(min=floor), torch.full_like(log_estimate, floor))
-    return (torch.logaddexp(positive, log_negatives) - positive).mean()
+    return debiased_info_nce(positive, logits, not_negative, k, temperature, tau_plus, beta)
