@@ -70,12 +70,19 @@ def _check_info_nce(r: int, world: int, dtype: torch.dtype, tol: float) -> None:
 
 
 def _check_other_gathered_losses(r: int, world: int) -> None:
-    """MoCo v3's in-batch keys, SupCon (labels gathered too), debiased / hard-negative NT-Xent and mined
-    triplets against one process, value and grads; SwAV's Sinkhorn codes of the global batch."""
+    """MoCo v3's in-batch keys (plain, debiased, hard-negative), SupCon (labels gathered too), debiased /
+    hard-negative NT-Xent and mined triplets against one process, value and grads; SwAV's Sinkhorn
+    codes of the global batch."""
     q, k = (z.requires_grad_() for z in _global_views(world, torch.float64))
     labels = torch.arange(world * LOCAL_BATCH) % 4  # some anchors' only same-label rows live on other ranks
     losses = [
         lambda a, b, lab, g: moco_info_nce(a, b, temperature=TEMPERATURE, gather=g),
+        lambda a, b, lab, g: moco_info_nce(
+            a, b, temperature=TEMPERATURE, gather=g, negatives="debiased", tau_plus=0.2
+        ),
+        lambda a, b, lab, g: moco_info_nce(
+            a, b, temperature=TEMPERATURE, gather=g, negatives="hard", beta=2.0
+        ),
         lambda a, b, lab, g: supcon(torch.stack([a, b], 1), lab, TEMPERATURE, gather=g),
         lambda a, b, lab, g: supcon(a, lab, TEMPERATURE, gather=g) + supcon(b, lab, TEMPERATURE, gather=g),
         lambda a, b, lab, g: info_nce(a, b, TEMPERATURE, gather=g, negatives="debiased", tau_plus=0.2),
