@@ -146,6 +146,20 @@ def test_multicrop_simclr_is_nt_xent_with_every_other_crop_a_positive() -> None:
         SimCLR(TINY, SimCLRConfig(chunk_size=4))(_views(local=2), None)
 
 
+@pytest.mark.parametrize("name", ["mocov2", "mocov3"])
+def test_moco_passes_its_negatives_settings_to_the_loss(name: str) -> None:
+    """No class prior and no weighting is plain InfoNCE, so only settings that reach the loss agree."""
+
+    def loss(**negatives) -> torch.Tensor:
+        torch.manual_seed(0)
+        return METHODS[name](TINY, _method_config(name, **negatives))(_views(), None)[0]
+
+    plain = loss()
+    torch.testing.assert_close(loss(negatives="debiased", tau_plus=0.0), plain)
+    torch.testing.assert_close(loss(negatives="hard", tau_plus=0.0, beta=0.0), plain)
+    assert not torch.allclose(loss(negatives="hard"), plain)
+
+
 def test_crop_pairs_take_targets_from_global_crops_only() -> None:
     assert crop_pairs(2, 2) == [(1, 0), (0, 1)]
     assert crop_pairs(2, 2, symmetric_loss=True) == [(1, 0)]
@@ -356,6 +370,7 @@ def _worker(r: int, port: int) -> None:
         for name in sorted(METHODS):  # every registered method, so a new one cannot escape
             for local_crops in (0, 2):
                 _check_ddp_step(r, name, local_crops)
+        _check_ddp_step(r, "mocov3", 0, negatives="hard", beta=0.5)
         _check_moco_queue(r)
         _check_swav_queue(r)
         completed = True

@@ -11,6 +11,9 @@ from pipeline.schema import Bound, ConfigError, Section
 Positive = Annotated[float, Bound(gt=0)]
 NonNegative = Annotated[float, Bound(ge=0)]
 Momentum = Annotated[float, Bound(ge=0, le=1)]  # an EMA momentum; 1 freezes the target
+# `negatives` and its class prior `tau_plus` in the InfoNCE family (SimCLR, MoCo v2/v3); see SimCLRConfig.
+Negatives = Literal["all", "debiased", "hard"]
+ClassPrior = Annotated[float, Bound(ge=0, lt=1)]
 
 
 @dataclass(frozen=True)
@@ -31,14 +34,15 @@ class SimCLRConfig(MethodConfig):
     """gather: negatives from every rank (else only the local batch); chunk_size: blockwise NT-Xent for
     very large two-view batches (same value and gradients, flat memory); negatives: all | debiased
     (class prior tau_plus, the chance that two random images share a class: 0.1 for 10 balanced
-    classes) | hard (concentration beta, debiased by tau_plus; tau_plus=0 for hard weighting alone)."""
+    classes) | hard (concentration beta, debiased by tau_plus; tau_plus=0 for hard weighting alone):
+    debiased when few classes make same-class "negatives" common, hard when plain SimCLR plateaus."""
 
     name: str = "simclr"
     temperature: Positive = 0.2
     gather: bool = True
     chunk_size: Annotated[int, Bound(gt=0)] | None = None
-    negatives: Literal["all", "debiased", "hard"] = "all"
-    tau_plus: Annotated[float, Bound(ge=0, lt=1)] = 0.1
+    negatives: Negatives = "all"
+    tau_plus: ClassPrior = 0.1
     beta: NonNegative = 1.0
 
     def __post_init__(self) -> None:
@@ -61,6 +65,9 @@ class MoCoV2Config(MethodConfig):
         meet this batch's keys, fresh from the current key encoder, as negatives (lightly's order: its
         memory bank advances inside each loss call). False: every direction sees only the queue from
         before this batch (the MoCo CIFAR demo's order). BENCHMARKS.md, "Representation quality".
+    negatives, tau_plus, beta: as SimCLR's, over the K queued keys: debiased when few classes fill the
+        queue with same-class keys (a 65k queue of 10 classes holds ~6.5k of the query's class), hard to
+        weight the queue towards the keys closest to the query.
     Multi-crop's local crops are extra queries against the same keys."""
 
     name: str = "mocov2"
@@ -72,15 +79,25 @@ class MoCoV2Config(MethodConfig):
     symmetric: bool = False
     shuffle_group_size: Annotated[int, Bound(ge=2)] | None = None
     queue_between_directions: bool = True
+    negatives: Negatives = "all"
+    tau_plus: ClassPrior = 0.1
+    beta: NonNegative = 1.0
 
 
 @dataclass(frozen=True)
 class MoCoV3Config(MethodConfig):
+    """gather: keys from every rank (else only the local batch); negatives, tau_plus, beta: as SimCLR's,
+    over the other keys of the (global) batch: debiased when few classes make same-class keys common,
+    hard to weight them towards the keys closest to the query."""
+
     name: str = "mocov3"
     temperature: Positive = 0.2
     momentum: Momentum = 0.99
     momentum_end: Momentum | None = 1.0
     gather: bool = True
+    negatives: Negatives = "all"
+    tau_plus: ClassPrior = 0.1
+    beta: NonNegative = 1.0
 
 
 @dataclass(frozen=True)

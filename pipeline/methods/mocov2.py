@@ -47,7 +47,8 @@ class MoCoV2(MomentumMethod):
         self, views: list[torch.Tensor], labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         global_crops, local_crops = split_crops(views, "mocov2")
-        num_global, t = len(global_crops), self.cfg.temperature
+        num_global, c, t = len(global_crops), self.cfg, self.cfg.temperature
+        nce = dict(negatives=c.negatives, tau_plus=c.tau_plus, beta=c.beta)
         # Key crops: the second global crop (its keys enter the queue first), all global crops if symmetric.
         key_crops = [1, 0, *range(2, num_global)] if self.cfg.symmetric else [1]
         pairs = [(i, j) for i, j in crop_pairs(num_global, len(views)) if j in key_crops]
@@ -58,7 +59,7 @@ class MoCoV2(MomentumMethod):
             k = {j: self._keys(global_crops[j]) for j in key_crops}
         queue, losses = self.queue.clone(), []  # a copy: the loss must not see keys enqueued after it
         for j in key_crops:
-            losses += [moco_info_nce(q[i], k[j], queue, t) for i, key in pairs if key == j]
+            losses += [moco_info_nce(q[i], k[j], queue, t, **nce) for i, key in pairs if key == j]
             self._enqueue(k[j])
             if self.cfg.queue_between_directions:
                 queue = self.queue.clone()

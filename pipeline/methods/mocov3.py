@@ -27,9 +27,10 @@ class MoCoV3(MomentumMethod):
         q = encode(self._predict, global_crops, local_crops)  # V x (B, D)
         with torch.no_grad():
             k = encode(self.momentum_encoder, global_crops)
-        t, gather = self.cfg.temperature, self.cfg.gather
+        c, t = self.cfg, self.cfg.temperature
+        nce = dict(negatives=c.negatives, tau_plus=c.tau_plus, beta=c.beta)
         pairs = crop_pairs(len(global_crops), len(q))
-        loss = 2 * sum(moco_info_nce(q[i], k[j], None, t, gather=gather) for i, j in pairs) / len(pairs)
+        loss = 2 * sum(moco_info_nce(q[i], k[j], None, t, c.gather, **nce) for i, j in pairs) / len(pairs)
         return loss * 2 * t, {}  # the paper's 2t scaling keeps gradients comparable across temperatures
 
     def _predict(self, images: torch.Tensor) -> torch.Tensor:
