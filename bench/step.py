@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load(args.config, overrides)
 
     from pipeline.data import build_loader
+    from pipeline.data.contract import memory_format
     from pipeline.distributed import init_from_env, leave_process_group
     from pipeline.engine.trainer import (
         StepContext,
@@ -84,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     accum = cfg.train.grad_accum_steps
     global_batch_size = cfg.data.batch_size * env.world_size * accum
-    engine = build_engine(cfg, build_method(cfg), device, global_batch_size)
+    fmt = memory_format(cfg.train.channels_last, device)
+    engine = build_engine(cfg, build_method(cfg), device, global_batch_size, fmt)
     total_steps = 2 * (args.steps + args.warmup)
     schedule = build_schedule(cfg.optim, total_steps, max(len(loader) // accum, 1), global_batch_size)
-    channels_last = device.type == "cuda" and cfg.train.channels_last
-    ctx = StepContext(device, build_precision(cfg, device), channels_last, accum, env.world_size, total_steps)
+    ctx = StepContext(device, build_precision(cfg, device), fmt, accum, env.world_size, total_steps)
     step_index = 0
 
     def make_step(batches: Iterator[Batch]):

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import Config, to_dict
+from pipeline.data.contract import memory_format
 from pipeline.engine.checkpoint import CheckpointStore, find_state
 from pipeline.engine.health import BadStepGuard
 from pipeline.engine.logger import RunLogger, new_run_id
@@ -89,14 +90,20 @@ def build_precision(cfg: Config, device: torch.device) -> contextlib.AbstractCon
     return contextlib.nullcontext()
 
 
-def build_engine(cfg: Config, method: nn.Module, device: torch.device, global_batch_size: int) -> Engine:
+def build_engine(
+    cfg: Config,
+    method: nn.Module,
+    device: torch.device,
+    global_batch_size: int,
+    fmt: torch.memory_format,
+) -> Engine:
+    """The method wrapped by `train.engine`, its weights in `fmt` (pipeline.data.contract.memory_format)."""
     from pipeline.optim import build_optimizer
 
     def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(cfg.optim, module, global_batch_size)
 
-    if device.type == "cuda" and cfg.train.channels_last:
-        method = method.to(memory_format=torch.channels_last)
+    method = method.to(memory_format=fmt)
     compile = cfg.train.compile and device.type == "cuda"
     if cfg.train.engine == "deepspeed":
         from pipeline.engine.deepspeed_engine import DeepSpeedEngine, deepspeed_config
@@ -216,7 +223,7 @@ class StepContext:
 
     device: torch.device
     precision: contextlib.AbstractContextManager
-    channels_last: bool
+    memory_format: torch.memory_format  # of the views, the same as the model's weights
     grad_accum_steps: int
     world_size: int
     total_steps: int
@@ -248,8 +255,7 @@ def train_step(
         batch = next(batches)
         wait += time.perf_counter() - t_wait
         views = [v.to(ctx.device, non_blocking=True) for v in batch.views]  # V x (B, 3, H, W)
-        if ctx.channels_last:
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        views = [v.contiguous(memory_format=ctx.memory_format) for v in views]
         labels = batch.labels.to(ctx.device, non_blocking=True) if batch.labels is not None else None
         with ctx.precision:
             loss, method_logs = engine.forward(views, labels, sync=micro == ctx.grad_accum_steps - 1)
@@ -314,6 +320,7 @@ def _train(cfg: Config, env: Any) -> TrainResult:
     rank, world_size, device = env.rank, env.world_size, env.device
     is_main = rank == 0
     seed_everything(cfg.run.seed, cfg.run.deterministic)
+    fmt = memory_format(cfg.train.channels_last, device)
 
     # Data: batches per epoch per rank, and the step budget derived from it.
     loader = build_loader(
@@ -331,10 +338,9 @@ def _train(cfg: Config, env: Any) -> TrainResult:
 
     # Model, engine, schedule.
     method = build_method(cfg)
-    engine = build_engine(cfg, method, device, global_batch_size)
+    engine = build_engine(cfg, method, device, global_batch_size, fmt)
     schedule = build_schedule(cfg.optim, total_steps, steps_per_epoch, global_batch_size)
     precision = build_precision(cfg, device)
-    channels_last = device.type == "cuda" and cfg.train.channels_last
 
     # Resume: check the config against the checkpoint's (pipeline.engine.resume), model/optimizer
     # through the engine, then where we were (in this run's batches) and the RNG streams.
@@ -399,7 +405,7 @@ def _train(cfg: Config, env: Any) -> TrainResult:
         return guard.last_checkpoint
 
     saved_step = progress.step if resume_dir is not None else -1
-    ctx = StepContext(device, precision, channels_last, accum, world_size, total_steps)
+    ctx = StepContext(device, precision, fmt, accum, world_size, total_steps)
     meter = Throughput()
     stopped_by: str | None = None
     try:
