@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -36,6 +36,10 @@ from pipeline.engine.preemption import PEER_SIGNAL, StopRequest, resume_reason
 from pipeline.engine.preflight import check_checkpoint_dir, lock_run_folder, write_run_config
 from pipeline.engine.resume import check_not_past_end, config_changes, resume_point
 from pipeline.engine.state import TrainState
+
+if TYPE_CHECKING:
+    from pipeline.distributed import DistEnv
+    from pipeline.optim import Schedule
 
 
 class Engine(Protocol):
@@ -272,11 +276,11 @@ class Trainer:
     def __init__(
         self,
         cfg: Config,
-        env: Any,
+        env: DistEnv,
         loader: Any,
         budget: StepBudget,
         engine: Engine,
-        schedule: Any,
+        schedule: Schedule,
         ctx: StepContext,
     ) -> None:
         self.cfg, self.env, self.loader, self.budget = cfg, env, loader, budget
@@ -284,7 +288,7 @@ class Trainer:
         self.is_main = env.rank == 0
 
     @classmethod
-    def build(cls, cfg: Config, env: Any) -> Trainer:
+    def build(cls, cfg: Config, env: DistEnv) -> Trainer:
         """Seeds, then the loader, the step budget it implies, the engine around the method, the schedule."""
         from pipeline.data import build_loader
         from pipeline.methods import build_method
