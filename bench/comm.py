@@ -243,12 +243,15 @@ def _rank_main(r: int, world: int, port: int, job: dict[str, Any], out: str) -> 
             cfg = load(job["config"], overrides)
             seed_everything(cfg.run.seed, False)
             accum = cfg.train.grad_accum_steps
-            engine = build_engine(cfg, build_method(cfg), env.device, cfg.data.batch_size * world * accum)
+            global_batch_size = cfg.data.batch_size * world * accum
+            engine = build_engine(
+                cfg, build_method(cfg), env.device, global_batch_size, torch.contiguous_format
+            )
             engine.ddp.register_comm_hook(None, recorder.ddp_hook)
             ctx = StepContext(
                 device=env.device,
                 precision=build_precision(cfg, env.device),
-                channels_last=False,
+                memory_format=torch.contiguous_format,
                 grad_accum_steps=accum,
                 world_size=world,
                 total_steps=job["warmup"] + job["steps"],

@@ -156,12 +156,12 @@ def forward_dtypes(
     overrides = ["data.train_shards=unused", "run.output_dir=unused", f"train.precision={precision}"]
     cfg = load(DEBUG_CONFIG, [*overrides, *engine_flags])
     torch.manual_seed(0)
-    engine = build_engine(cfg, build_method(cfg), device, cfg.data.batch_size)
+    engine = build_engine(cfg, build_method(cfg), device, cfg.data.batch_size, torch.contiguous_format)
     seen: set[torch.dtype] = set()
     for module in engine.module.modules():
         if isinstance(module, nn.Conv2d | nn.Linear):
             module.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
-    ctx = StepContext(device, build_precision(cfg, device), False, 1, 1, steps)
+    ctx = StepContext(device, build_precision(cfg, device), torch.contiguous_format, 1, 1, steps)
     views = [torch.randn(cfg.data.batch_size, 3, 32, 32, device=device) for _ in range(2)]
     batches = iter([Batch(views, None)] * steps)
     loss = float("nan")
@@ -277,8 +277,8 @@ def check_compile(args: argparse.Namespace) -> tuple[str, dict]:
         flags = [f"train.compile={str(compiled).lower()}", "train.precision=bf16"]
         cfg = load(DEBUG_CONFIG, ["data.train_shards=unused", "run.output_dir=unused", *flags])
         torch.manual_seed(0)
-        engine = build_engine(cfg, build_method(cfg), device, cfg.data.batch_size)
-        ctx = StepContext(device, build_precision(cfg, device), False, 1, 1, 3)
+        engine = build_engine(cfg, build_method(cfg), device, cfg.data.batch_size, torch.contiguous_format)
+        ctx = StepContext(device, build_precision(cfg, device), torch.contiguous_format, 1, 1, 3)
         g = torch.Generator(device=device).manual_seed(0)
         views = [torch.randn(16, 3, 32, 32, device=device, generator=g) for _ in range(2)]
         batches = iter([Batch(views, None)] * 3)

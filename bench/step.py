@@ -1,10 +1,11 @@
 """`python -m bench step`: training images/s fed by the real pipeline vs. the synthetic ceiling.
 
-In one process and one run, the trainer's own `train_step` (built from the config and its overrides,
-with its host syncs, schedule and hooks): (1) on device-resident random batches of the loader's shapes
-(the ceiling: no decode, no augmentation, no host-to-device copy), then (2) fed by shards -> loader of
-any `data.backend`. Each is timed over `--steps` steps after `--warmup` untimed ones. Prints one JSON
-object with both rates and their ratio. The default config is the tiny CPU debug run.
+In one process and one run, the trainer's own step (`Trainer.build` from the config and its overrides,
+then `Trainer.step`: the schedule and `train_step` with its host syncs and hooks): (1) on
+device-resident random batches of the loader's shapes (the ceiling: no decode, no augmentation, no
+host-to-device copy), then (2) fed by shards -> loader of any `data.backend`. Each is timed over
+`--steps` steps after `--warmup` untimed ones. Prints one JSON object with both rates and their ratio.
+The default config is the tiny CPU debug run.
 """
 
 from __future__ import annotations
@@ -64,43 +65,24 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append("run.output_dir=/tmp/bench-step")
     cfg = load(args.config, overrides)
 
-    from pipeline.data import build_loader
     from pipeline.distributed import init_from_env, leave_process_group
-    from pipeline.engine.trainer import (
-        StepContext,
-        build_engine,
-        build_precision,
-        seed_everything,
-        train_step,
-    )
-    from pipeline.methods import build_method
-    from pipeline.optim import build_schedule
+    from pipeline.engine.trainer import Trainer
 
     env = init_from_env(cfg.train.collective_timeout_s)
     device = env.device
-    seed_everything(cfg.run.seed, False)
-    loader = build_loader(
-        cfg.data, split="train", rank=env.rank, world_size=env.world_size, seed=cfg.run.seed, device=device
-    )
-    accum = cfg.train.grad_accum_steps
-    global_batch_size = cfg.data.batch_size * env.world_size * accum
-    engine = build_engine(cfg, build_method(cfg), device, global_batch_size)
-    total_steps = 2 * (args.steps + args.warmup)
-    schedule = build_schedule(cfg.optim, total_steps, max(len(loader) // accum, 1), global_batch_size)
-    channels_last = device.type == "cuda" and cfg.train.channels_last
-    ctx = StepContext(device, build_precision(cfg, device), channels_last, accum, env.world_size, total_steps)
+    trainer = Trainer.build(cfg, env)  # the training run's own loader, engine, schedule and step context
+    global_batch_size = trainer.budget.global_batch_size
     step_index = 0
 
     def make_step(batches: Iterator[Batch]):
         def step() -> None:  # what the training loop does per step
             nonlocal step_index
-            schedule.apply(engine.optimizer, step_index)
-            train_step(engine, batches, ctx, step_index, stop_requested=False)
+            trainer.step(batches, step_index)
             step_index += 1
 
         return step
 
-    real = _forever(loader)
+    real = _forever(trainer.loader)
     first = next(real)
     synthetic_batch = Batch(
         views=[torch.randn_like(v, device=device) for v in first.views],
@@ -111,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             yield synthetic_batch
 
-    engine.module.train()
+    trainer.engine.module.train()
     synthetic_s = _timed_steps(make_step(synthetic()), args.steps, args.warmup, device)
     pipeline_s = _timed_steps(make_step(real), args.steps, args.warmup, device)
     images = args.steps * global_batch_size

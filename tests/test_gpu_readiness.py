@@ -79,8 +79,8 @@ def test_one_host_sync_per_optimizer_step(monkeypatch: pytest.MonkeyPatch, metho
     the method's logs stay tensors. A NaN micro-batch still skips the whole step."""
     cfg = _cfg(f"method.name={method}", "method.queue_size=64" if method == "mocov2" else "run.seed=0")
     cpu = torch.device("cpu")
-    engine = build_engine(cfg, build_method(cfg), cpu, 32)
-    ctx = StepContext(cpu, build_precision(cfg, cpu), False, 2, 1, 10)
+    engine = build_engine(cfg, build_method(cfg), cpu, 32, torch.contiguous_format)
+    ctx = StepContext(cpu, build_precision(cfg, cpu), torch.contiguous_format, 2, 1, 10)
     views = [torch.randn(16, 3, 32, 32) for _ in range(2)]
     train_step(engine, iter([Batch(views, None)] * 2), ctx, 0, False)  # first step: lazy state created
     counts: dict[str, int] = {}

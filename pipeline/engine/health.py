@@ -8,26 +8,21 @@ class TrainingDiverged(RuntimeError):
 
 
 class BadStepGuard:
-    """Counts skipped (non-finite) steps; the decision is global because the flag is all-reduced."""
+    """Counts skipped (non-finite) steps in a row; the decision is global because the flag is all-reduced."""
 
-    def __init__(self, max_bad_steps: int, total_bad: int = 0, last_checkpoint: str | None = None) -> None:
+    def __init__(self, max_bad_steps: int) -> None:
         self.max_bad_steps = max_bad_steps
-        self.total_bad = total_bad
         self.in_a_row = 0
-        self.last_checkpoint = last_checkpoint  # the trainer updates it at each save
 
     def record(self, finite: bool) -> None:
-        if finite:
-            self.in_a_row = 0
-        else:
-            self.total_bad += 1
-            self.in_a_row += 1
+        self.in_a_row = 0 if finite else self.in_a_row + 1
 
-    def check(self, step: int) -> None:
+    def check(self, step: int, last_checkpoint: str | None) -> None:
+        """Raise once `max_bad_steps` steps in a row were skipped, naming the checkpoint that is kept."""
         if self.in_a_row >= self.max_bad_steps:
             kept = (
-                f"the last good checkpoint, {self.last_checkpoint}, is intact"
-                if self.last_checkpoint
+                f"the last good checkpoint, {last_checkpoint}, is intact"
+                if last_checkpoint
                 else "no checkpoint was written before it"
             )
             raise TrainingDiverged(

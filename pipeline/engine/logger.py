@@ -1,4 +1,7 @@
-"""What the user sees of a run: metrics.jsonl, W&B and a console progress bar, all on rank 0 only."""
+"""What the user sees of a run: metrics.jsonl, W&B and a console progress bar, all on rank 0 only.
+
+The loop hands each step's `StepLog`, schedule values, `Throughput` and `Progress` to `log_step`, which
+lays out the row (W&B panels and tests read its keys) and the progress bar."""
 
 from __future__ import annotations
 
@@ -6,9 +9,13 @@ import json
 import math
 import os
 import sys
-import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from pipeline.engine.state import Progress
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_INIT_TIMEOUT_S = 15  # wandb's own default (90 s) keeps a run with a bad key or no network waiting
@@ -18,9 +25,43 @@ class LoggingError(RuntimeError):
     """W&B `online` could not start (bad key, no network): one line, exit 2, before any step."""
 
 
-def new_run_id() -> str:
-    """W&B-compatible run id; kept in checkpoints so a resumed run continues the same W&B run."""
-    return uuid.uuid4().hex[:12]
+@dataclass
+class StepLog:
+    """What one optimizer step reports."""
+
+    loss: float  # mean over ranks and micro-batches (NaN when the step was skipped)
+    finite: bool  # False: a rank saw a NaN/Inf loss and every rank skipped the update
+    stop: bool  # some rank got SIGTERM/SIGINT
+    grad_norm: torch.Tensor | float  # a device tensor: read it (a host sync) only when logging
+    data_wait_s: float
+    logs: dict[str, Any]  # the method's logs (+ after_optimizer_step's, e.g. ema_momentum), tensors unread
+
+
+class Throughput:
+    """Step time, images/s and data-wait fraction averaged over the steps since the last `take`."""
+
+    def __init__(self, global_batch_size: int, world_size: int) -> None:
+        self.global_batch_size, self.world_size = global_batch_size, world_size
+        self.time, self.wait, self.steps = 0.0, 0.0, 0
+
+    def add(self, step_time: float, wait: float) -> None:
+        self.time, self.wait, self.steps = self.time + step_time, self.wait + wait, self.steps + 1
+
+    def take(self) -> dict[str, float]:
+        """The averages so far; the next ones start from zero."""
+        per_step = self.time / max(self.steps, 1)
+        row = {
+            "images_per_s": self.global_batch_size / per_step,
+            "images_per_s_per_gpu": self.global_batch_size / self.world_size / per_step,
+            "data_wait_frac": self.wait / self.time if self.time else 0.0,
+            "step_time_s": per_step,
+        }
+        self.time, self.wait, self.steps = 0.0, 0.0, 0
+        return row
+
+
+def _scalar(value: Any) -> float:
+    return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
 
 
 def wandb_mode(configured: str) -> str:
@@ -39,7 +80,8 @@ def wandb_mode(configured: str) -> str:
 
 
 class RunLogger:
-    """Rank 0 writes rows to metrics.jsonl and W&B and drives the progress bar; other ranks do nothing."""
+    """Rank 0 writes rows to metrics.jsonl and W&B and drives the progress bar; other ranks do nothing.
+    A step's row goes out every `logging.every_steps` and at the run's last step."""
 
     def __init__(
         self,
@@ -48,10 +90,12 @@ class RunLogger:
         enabled: bool,
         run_id: str,
         start_step: int,
-        total_steps: int,
+        last_step: int,
         config_dict: dict[str, Any],
+        device: torch.device,
     ) -> None:
         self.enabled = enabled
+        self.every_steps, self.last_step, self.device = cfg.logging.every_steps, last_step, device
         self.wandb_run = None
         self.bar = None
         if not enabled:
@@ -92,7 +136,7 @@ class RunLogger:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=total_steps, initial=start_step, unit="step", file=sys.stderr, dynamic_ncols=True
+                total=last_step, initial=start_step, unit="step", file=sys.stderr, dynamic_ncols=True
             )
 
     def log(self, row: dict[str, Any]) -> None:
@@ -103,6 +147,28 @@ class RunLogger:
         self.metrics.flush()
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def log_step(
+        self, progress: Progress, result: StepLog, schedule: dict[str, float], throughput: Throughput
+    ) -> None:
+        """The row of the step just done (`progress.step`), when one is due. Reads the gradient norm and
+        the method's logs: the only host syncs besides the step's own."""
+        if progress.step % self.every_steps != 0 and progress.step != self.last_step:
+            return
+        row = {
+            "step": progress.step,
+            "epoch": progress.epoch,
+            "loss": result.loss,
+            **schedule,
+            "grad_norm": _scalar(result.grad_norm),
+            **throughput.take(),
+            "bad_steps": progress.bad_steps,
+            **{k: _scalar(v) for k, v in result.logs.items()},
+        }
+        if self.device.type == "cuda":
+            row["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.log(row)
+        self.progress(progress.step, loss=result.loss)
 
     def log_image(self, key: str, path: Path, step: int) -> None:
         if self.enabled and self.wandb_run is not None:

@@ -1,4 +1,6 @@
-"""The training loop: read top to bottom, assembled by small build_* functions.
+"""The training loop: `train(cfg)` builds a `Trainer` from small build_* functions and runs its `fit`,
+which reads top to bottom: the state saves and restores itself (pipeline.engine.state), the checkpointer
+decides when to save (pipeline.engine.checkpointer), the logger lays out the rows (pipeline.engine.logger).
 
 One optimizer step = `train.grad_accum_steps` loader batches per rank. The loss and its non-finite flag
 stay on the device across the micro-batches; before the update one small all-reduce of (loss sum,
@@ -13,12 +15,11 @@ import contextlib
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -26,12 +27,19 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import Config, to_dict
-from pipeline.engine.checkpoint import CheckpointStore, find_state
+from pipeline.data.contract import TrainLoader, memory_format
+from pipeline.engine.checkpoint import CheckpointStore
+from pipeline.engine.checkpointer import Checkpointer, checkpoint_root, find_resume
 from pipeline.engine.health import BadStepGuard
-from pipeline.engine.logger import RunLogger, new_run_id
+from pipeline.engine.logger import RunLogger, StepLog, Throughput
 from pipeline.engine.preemption import PEER_SIGNAL, StopRequest, resume_reason
 from pipeline.engine.preflight import check_checkpoint_dir, lock_run_folder, write_run_config
 from pipeline.engine.resume import check_not_past_end, config_changes, resume_point
+from pipeline.engine.state import TrainState
+
+if TYPE_CHECKING:
+    from pipeline.distributed import DistEnv
+    from pipeline.optim import Schedule
 
 
 class Engine(Protocol):
@@ -46,22 +54,6 @@ class Engine(Protocol):
     def skip(self) -> None: ...
     def save(self, store: CheckpointStore, step: int, state: dict[str, Any] | None) -> None: ...
     def load(self, step_dir: str, state: dict[str, Any]) -> None: ...
-
-
-@dataclass
-class Progress:
-    """Where the run is; saved in every checkpoint."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batches_in_epoch: int = 0  # loader batches consumed in `epoch`, per rank
-    wandb_run_id: str = field(default_factory=new_run_id)
-    bad_steps: int = 0
-
-    @classmethod
-    def from_saved(cls, saved: dict[str, Any]) -> Progress:
-        """Fields this version knows; a checkpoint from an older or newer version still resumes."""
-        return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -89,14 +81,20 @@ def build_precision(cfg: Config, device: torch.device) -> contextlib.AbstractCon
     return contextlib.nullcontext()
 
 
-def build_engine(cfg: Config, method: nn.Module, device: torch.device, global_batch_size: int) -> Engine:
+def build_engine(
+    cfg: Config,
+    method: nn.Module,
+    device: torch.device,
+    global_batch_size: int,
+    fmt: torch.memory_format,
+) -> Engine:
+    """The method wrapped by `train.engine`, its weights in `fmt` (pipeline.data.contract.memory_format)."""
     from pipeline.optim import build_optimizer
 
     def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(cfg.optim, module, global_batch_size)
 
-    if device.type == "cuda" and cfg.train.channels_last:
-        method = method.to(memory_format=torch.channels_last)
+    method = method.to(memory_format=fmt)
     compile = cfg.train.compile and device.type == "cuda"
     if cfg.train.engine == "deepspeed":
         from pipeline.engine.deepspeed_engine import DeepSpeedEngine, deepspeed_config
@@ -144,46 +142,51 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+@dataclass(frozen=True)
+class StepBudget:
+    """Optimizer steps per epoch, over the schedule, and the step this run ends at."""
+
+    batches_per_epoch: int  # loader batches per epoch per rank
+    grad_accum_steps: int
+    global_batch_size: int  # samples per optimizer step over all ranks
+    epochs: int
+    max_steps: int | None  # stop early; the schedule still spans `epochs`
+    step_offset: int = 0  # steps taken minus the schedule's position: non-zero after a global-batch change
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches_per_epoch // self.grad_accum_steps
+
+    @property
+    def total_steps(self) -> int:
+        """The schedule's length."""
+        return self.steps_per_epoch * self.epochs
+
+    @property
+    def last_step(self) -> int:
+        end = self.total_steps + self.step_offset
+        return min(end, self.max_steps or end)
+
+    @property
+    def epoch_batches(self) -> int:
+        """Batches per rank that an epoch's whole steps consume (a remainder short of a step is left)."""
+        return self.steps_per_epoch * self.grad_accum_steps
+
+    def epoch_done(self, batches_in_epoch: int) -> bool:
+        return batches_in_epoch + self.grad_accum_steps > self.epoch_batches
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def build_budget(cfg: Config, batches_per_epoch: int, world_size: int) -> StepBudget:
+    accum = cfg.train.grad_accum_steps
+    if batches_per_epoch < accum:
+        raise ValueError(
+            f"an epoch has {batches_per_epoch} batches per rank, fewer than train.grad_accum_steps={accum}"
+        )
+    global_batch_size = cfg.data.batch_size * world_size * accum
+    return StepBudget(batches_per_epoch, accum, global_batch_size, cfg.train.epochs, cfg.train.max_steps)
 
 
-def checkpoint_root(cfg: Config) -> str:
-    return cfg.checkpoint.dir or str(Path(cfg.run.output_dir) / "checkpoints")
-
-
-def find_resume(cfg: Config, store: CheckpointStore, warn: bool) -> tuple[str | None, dict[str, Any] | None]:
-    """(step folder, state) to resume from: the newest intact under the root (`auto`; damaged newer ones
-    are named in a warning), an explicit path, or (None, None)."""
-
-    def say(message: str) -> None:
-        if warn:
-            print(f"warning: {message}", file=sys.stderr, flush=True)
-
-    if cfg.checkpoint.resume == "none":
-        return None, None
-    if cfg.checkpoint.resume == "auto":
-        return store.newest_intact(say) or (None, None)
-    return find_state(cfg.checkpoint.resume, say)
-
-
-def _all_gather_objects(obj: Any, world_size: int) -> list[Any]:
-    if world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
+# ---------------------------------------------------------------------------------------------- one step
 
 
 def _global_flags(
@@ -203,33 +206,16 @@ def _global_flags(
     return total, bad == 0, stops > 0
 
 
-def _scalar(value: Any) -> float:
-    return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
-
-
-# ---------------------------------------------------------------------------------------------- one step
-
-
 @dataclass(frozen=True)
 class StepContext:
     """What every step needs and no step changes."""
 
     device: torch.device
     precision: contextlib.AbstractContextManager
-    channels_last: bool
+    memory_format: torch.memory_format  # of the views, the same as the model's weights
     grad_accum_steps: int
     world_size: int
     total_steps: int
-
-
-@dataclass
-class StepLog:
-    loss: float  # mean over ranks and micro-batches (NaN when the step was skipped)
-    finite: bool  # False: a rank saw a NaN/Inf loss and every rank skipped the update
-    stop: bool  # some rank got SIGTERM/SIGINT
-    grad_norm: torch.Tensor | float  # a device tensor: read it (a host sync) only when logging
-    data_wait_s: float
-    logs: dict[str, Any]  # the method's logs (+ after_optimizer_step's, e.g. ema_momentum), tensors unread
 
 
 def train_step(
@@ -248,8 +234,7 @@ def train_step(
         batch = next(batches)
         wait += time.perf_counter() - t_wait
         views = [v.to(ctx.device, non_blocking=True) for v in batch.views]  # V x (B, 3, H, W)
-        if ctx.channels_last:
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        views = [v.contiguous(memory_format=ctx.memory_format) for v in views]
         labels = batch.labels.to(ctx.device, non_blocking=True) if batch.labels is not None else None
         with ctx.precision:
             loss, method_logs = engine.forward(views, labels, sync=micro == ctx.grad_accum_steps - 1)
@@ -269,27 +254,6 @@ def train_step(
     return StepLog(total / (ctx.world_size * ctx.grad_accum_steps), True, stop, grad_norm, wait, logs)
 
 
-class Throughput:
-    """Step time, images/s and data-wait fraction averaged over the steps since the last log row."""
-
-    def __init__(self) -> None:
-        self.time, self.wait, self.steps = 0.0, 0.0, 0
-
-    def add(self, step_time: float, wait: float) -> None:
-        self.time, self.wait, self.steps = self.time + step_time, self.wait + wait, self.steps + 1
-
-    def row(self, global_batch_size: int, world_size: int) -> dict[str, float]:
-        per_step = self.time / max(self.steps, 1)
-        row = {
-            "images_per_s": global_batch_size / per_step,
-            "images_per_s_per_gpu": global_batch_size / world_size / per_step,
-            "data_wait_frac": self.wait / self.time if self.time else 0.0,
-            "step_time_s": per_step,
-        }
-        self.__init__()
-        return row
-
-
 # ---------------------------------------------------------------------------------------------- the loop
 
 
@@ -301,192 +265,177 @@ def train(cfg: Config) -> TrainResult:
     env = init_from_env(cfg.train.collective_timeout_s)
     lock = lock_run_folder(cfg.run.output_dir, env.rank == 0, env.world_size)
     try:
-        return _train(cfg, env)
+        return Trainer.build(cfg, env).fit()
     finally:
         lock.release()
 
 
-def _train(cfg: Config, env: Any) -> TrainResult:
-    from pipeline.data import build_loader
-    from pipeline.data.contract import memory_format
-    from pipeline.methods import build_method
-    from pipeline.optim import build_schedule
+class Trainer:
+    """The pieces of one run, built from its config (`build`); `fit` runs them."""
 
-    rank, world_size, device = env.rank, env.world_size, env.device
-    is_main = rank == 0
-    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    def __init__(
+        self,
+        cfg: Config,
+        env: DistEnv,
+        loader: TrainLoader,
+        budget: StepBudget,
+        engine: Engine,
+        schedule: Schedule,
+        ctx: StepContext,
+    ) -> None:
+        self.cfg, self.env, self.loader, self.budget = cfg, env, loader, budget
+        self.engine, self.schedule, self.ctx = engine, schedule, ctx
+        self.is_main = env.rank == 0
 
-    # Data: batches per epoch per rank, and the step budget derived from it.
-    fmt = memory_format(cfg.train.channels_last, device)
-    loader = build_loader(
-        cfg.data,
-        split="train",
-        rank=rank,
-        world_size=world_size,
-        seed=cfg.run.seed,
-        device=device,
-        memory_format=fmt,
-    )
-    accum = cfg.train.grad_accum_steps
-    steps_per_epoch = len(loader) // accum
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"an epoch has {len(loader)} batches per rank, fewer than train.grad_accum_steps={accum}"
+    @classmethod
+    def build(cls, cfg: Config, env: DistEnv) -> Trainer:
+        """Seeds, then the loader, the step budget it implies, the engine around the method, the schedule."""
+        from pipeline.data import build_loader
+        from pipeline.methods import build_method
+        from pipeline.optim import build_schedule
+
+        device, world_size = env.device, env.world_size
+        seed_everything(cfg.run.seed, cfg.run.deterministic)
+        fmt = memory_format(cfg.train.channels_last, device)
+        loader = build_loader(
+            cfg.data,
+            split="train",
+            rank=env.rank,
+            world_size=world_size,
+            seed=cfg.run.seed,
+            device=device,
+            memory_format=fmt,
         )
-    total_steps = steps_per_epoch * cfg.train.epochs
-    last_step = min(total_steps, cfg.train.max_steps or total_steps)
-    global_batch_size = cfg.data.batch_size * world_size * accum
+        budget = build_budget(cfg, len(loader), world_size)
+        engine = build_engine(cfg, build_method(cfg), device, budget.global_batch_size, fmt)
+        schedule = build_schedule(
+            cfg.optim, budget.total_steps, budget.steps_per_epoch, budget.global_batch_size
+        )
+        precision = build_precision(cfg, device)
+        ctx = StepContext(device, precision, fmt, budget.grad_accum_steps, world_size, budget.total_steps)
+        return cls(cfg, env, loader, budget, engine, schedule, ctx)
 
-    # Model, engine, schedule.
-    method = build_method(cfg)
-    engine = build_engine(cfg, method, device, global_batch_size)
-    schedule = build_schedule(cfg.optim, total_steps, steps_per_epoch, global_batch_size)
-    precision = build_precision(cfg, device)
-    channels_last = device.type == "cuda" and cfg.train.channels_last
+    def fit(self) -> TrainResult:
+        """Resume, then optimizer steps until the last one or a stop signal: each step logged and offered
+        to the checkpointer, each finished epoch closed by `end_epoch`."""
+        cfg = self.cfg
+        store = CheckpointStore(checkpoint_root(cfg), keep_last=cfg.checkpoint.keep_last)
+        state = TrainState(self.loader, self.env.rank, self.env.world_size)
+        resumed_from = self.resume(state, store)
+        budget, progress = self.budget, state.progress
+        check_checkpoint_dir(store, self.engine.module, self.env.world_size)
+        if self.is_main:
+            write_run_config(cfg.run.output_dir, to_dict(cfg), progress.step)
+        checkpointer = self.build_checkpointer(store, state, resumed_from)
+        logger = RunLogger(
+            cfg,
+            enabled=self.is_main,
+            run_id=progress.wandb_run_id,
+            start_step=progress.step,
+            last_step=budget.last_step,
+            config_dict=to_dict(cfg),
+            device=self.env.device,
+        )
+        guard = BadStepGuard(cfg.train.max_bad_steps)
+        meter = Throughput(budget.global_batch_size, self.env.world_size)
+        stop = StopRequest().install()
+        try:
+            while progress.step < budget.last_step and state.stopped_by is None:
+                batches = state.epoch_batches()
+                self.engine.module.train()
+                while not budget.epoch_done(progress.batches_in_epoch) and progress.step < budget.last_step:
+                    t0 = time.perf_counter()
+                    schedule, result = self.step(batches, progress.step, stop.requested)
+                    progress.advance(budget.grad_accum_steps, result.finite)
+                    guard.record(result.finite)
+                    if result.stop:
+                        state.stopped_by = stop.signal_name or PEER_SIGNAL
+                    meter.add(time.perf_counter() - t0, result.data_wait_s)
+                    logger.log_step(progress, result, schedule, meter)
+                    guard.check(progress.step, checkpointer.last)  # after logging: the bad step is in the log
+                    checkpointer.save(progress.step, bad_streak=guard.in_a_row > 0, stopping=result.stop)
+                    if result.stop:
+                        break
+                if state.stopped_by is None and budget.epoch_done(progress.batches_in_epoch):
+                    self.end_epoch(state, logger, checkpointer, bad_streak=guard.in_a_row > 0)
+            checkpointer.save(progress.step, bad_streak=guard.in_a_row > 0, last_step=True)
+        finally:
+            stop.uninstall()
+            logger.close()
+        if self.is_main and state.stopped_by is not None:
+            last = checkpointer.last
+            print(f"stopped by {state.stopped_by} after step {progress.step}; checkpoint {last}", flush=True)
+        return TrainResult(progress.step, progress.epoch, state.stopped_by, checkpointer.last)
 
-    # Resume: check the config against the checkpoint's (pipeline.engine.resume), model/optimizer
-    # through the engine, then where we were (in this run's batches) and the RNG streams.
-    store = CheckpointStore(checkpoint_root(cfg), keep_last=cfg.checkpoint.keep_last)
-    progress = Progress()
-    resume_dir, state = find_resume(cfg, store, warn=is_main)
-    loader_state = None
-    step_offset = 0  # steps taken minus the schedule's position: non-zero after a global-batch change
-    if resume_dir is not None:
-        changes = config_changes(state["config"], cfg, resume_dir)
-        progress = Progress.from_saved(state["progress"])
-        loader_state = state["loader"][rank % len(state["loader"])]  # DALI reader state is per rank
+    def step(
+        self, batches: Iterator[Any], step: int, stop_requested: bool = False
+    ) -> tuple[dict[str, float], StepLog]:
+        """Optimizer step `step` of the run: the schedule's lr, weight decay, momentum, then `train_step`."""
+        at = step - self.budget.step_offset  # the schedule's position
+        values = self.schedule.apply(self.engine.optimizer, at)
+        return values, train_step(self.engine, batches, self.ctx, at, stop_requested)
+
+    def resume(self, state: TrainState, store: CheckpointStore) -> str | None:
+        """From the checkpoint `checkpoint.resume` names, if any, once its config is checked against this
+        one (pipeline.engine.resume): `state`, the model and the optimizer. Returns the step folder."""
+        cfg, budget = self.cfg, self.budget
+        found = find_resume(cfg, store, warn=self.is_main)
+        if found is None:
+            return None
+        step_dir, saved = found
+        changes = config_changes(saved["config"], cfg, step_dir)
+        state.restore(saved)
+        progress = state.progress
         point = resume_point(
-            progress.step, progress.epoch, loader_state, len(loader), accum, cfg.data.batch_size, world_size
-        )
-        progress.batches_in_epoch, step_offset = point.batches_in_epoch, point.step_offset
-        last_step = min(total_steps + step_offset, cfg.train.max_steps or total_steps + step_offset)
-        check_not_past_end(progress.step, last_step, cfg, resume_dir)
-        engine.load(resume_dir, state)
-        set_rng_state(state["rng"][rank % len(state["rng"])])
-        if progress.batches_in_epoch >= steps_per_epoch * accum:  # saved at an epoch end
-            progress.epoch, progress.batches_in_epoch, loader_state = progress.epoch + 1, 0, None
-        if is_main:
+            progress.step, progress.epoch, state.loader_position, budget.batches_per_epoch,
+            budget.grad_accum_steps, cfg.data.batch_size, self.env.world_size,
+        )  # fmt: skip
+        self.budget = replace(budget, step_offset=point.step_offset)
+        check_not_past_end(progress.step, self.budget.last_step, cfg, step_dir)
+        self.engine.load(step_dir, saved)
+        progress.batches_in_epoch = point.batches_in_epoch
+        if progress.batches_in_epoch >= budget.epoch_batches:  # saved at an epoch end
+            state.next_epoch()
+        if self.is_main:
             for change in changes:
                 print(f"resume: {change}", flush=True)
-    check_checkpoint_dir(store, engine.module, world_size)
-    if is_main:
-        write_run_config(cfg.run.output_dir, to_dict(cfg), progress.step)
+            print(f"resumed from {step_dir} at step {progress.step} ({resume_reason(saved)})", flush=True)
+        return step_dir
 
-    logger = RunLogger(
-        cfg,
-        enabled=is_main,
-        run_id=progress.wandb_run_id,
-        start_step=progress.step,
-        total_steps=last_step,
-        config_dict=to_dict(cfg),
-    )
-    if is_main and resume_dir is not None:
-        print(f"resumed from {resume_dir} at step {progress.step} ({resume_reason(state)})", flush=True)
-    guard = BadStepGuard(cfg.train.max_bad_steps, total_bad=progress.bad_steps, last_checkpoint=resume_dir)
-    stop = StopRequest().install()
-    last_checkpoint: str | None = resume_dir
+    def build_checkpointer(
+        self, store: CheckpointStore, state: TrainState, resumed_from: str | None
+    ) -> Checkpointer:
+        """Saves go through the engine (model, optimizer) with `state` captured from every rank."""
+        config = to_dict(self.cfg)
 
-    def save_checkpoint() -> str:
-        progress.bad_steps = guard.total_bad
-        rngs = _all_gather_objects(rng_state(), world_size)
-        loaders = _all_gather_objects(loader.state_dict(), world_size)
-        state = None
-        if is_main:
-            state = {
-                "progress": vars(progress).copy(),
-                "step": progress.step,
-                "epoch": progress.epoch,
-                "loader": loaders,
-                "rng": rngs,
-                "config": to_dict(cfg),
-                "wandb_run_id": progress.wandb_run_id,
-                "stopped_by": stopped_by,
-            }
-        engine.save(store, progress.step, state)
-        guard.last_checkpoint = f"{store.root}/step-{progress.step:08d}"
-        return guard.last_checkpoint
+        def write(step: int) -> None:
+            self.engine.save(store, step, state.capture(config))
 
-    saved_step = progress.step if resume_dir is not None else -1
-    ctx = StepContext(device, precision, channels_last, accum, world_size, total_steps)
-    meter = Throughput()
-    stopped_by: str | None = None
-    try:
-        while progress.step < last_step and stopped_by is None:
-            if loader_state is not None:
-                loader.load_state_dict(loader_state)  # mid-epoch resume: the rest of that epoch
-                loader_state = None
-            else:
-                loader.set_epoch(progress.epoch)
-            batches = iter(loader)
-            engine.module.train()
-            while progress.batches_in_epoch + accum <= steps_per_epoch * accum and progress.step < last_step:
-                t0 = time.perf_counter()
-                sched = schedule.apply(engine.optimizer, progress.step - step_offset)  # lr, wd, momentum
-                result = train_step(engine, batches, ctx, progress.step - step_offset, stop.requested)
-                progress.step += 1
-                progress.batches_in_epoch += accum
-                guard.record(result.finite)
-                if result.stop:
-                    stopped_by = stop.signal_name or PEER_SIGNAL
-                meter.add(time.perf_counter() - t0, result.data_wait_s)
+        resumed = (state.progress.step, resumed_from) if resumed_from is not None else None
+        return Checkpointer(store, self.cfg.checkpoint.every_steps, write, resumed)
 
-                if progress.step % cfg.logging.every_steps == 0 or progress.step == last_step:
-                    row = {
-                        "step": progress.step,
-                        "epoch": progress.epoch,
-                        "loss": result.loss,
-                        **sched,
-                        "grad_norm": _scalar(result.grad_norm),
-                        **meter.row(global_batch_size, world_size),
-                        "bad_steps": guard.total_bad,
-                        **{k: _scalar(v) for k, v in result.logs.items()},
-                    }
-                    if device.type == "cuda":
-                        row["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    logger.log(row)
-                    logger.progress(progress.step, loss=row["loss"])
+    def end_epoch(
+        self, state: TrainState, logger: RunLogger, checkpointer: Checkpointer, bad_streak: bool
+    ) -> None:
+        """The epoch just finished: its row (with the online eval when due), its checkpoint, the next."""
+        progress = state.progress
+        metrics = self.online_eval(progress.step, progress.epoch, logger)
+        logger.log({"step": progress.step, "epoch": progress.epoch, **metrics})
+        progress.batches_in_epoch = self.budget.epoch_batches
+        checkpointer.save(progress.step, bad_streak=bad_streak, epoch_end=True)
+        state.next_epoch()
 
-                guard.check(progress.step)  # after logging, so the last bad step is in metrics.jsonl
-                every = cfg.checkpoint.every_steps
-                due = stopped_by is not None or (every and progress.step % every == 0)
-                if due and guard.in_a_row == 0:  # never overwrite good checkpoints with a diverging state
-                    last_checkpoint, saved_step = save_checkpoint(), progress.step
-                if stopped_by is not None:
-                    break
+    def online_eval(self, step: int, epoch: int, logger: RunLogger) -> dict[str, float]:
+        """Each `eval.every_epochs`: kNN top-1 on held-out labelled shards, embedding std, embedding map.
+        Every rank extracts features for its share; rank 0 gets the metrics, the others an empty dict."""
+        every = self.cfg.eval.every_epochs
+        if not every or (epoch + 1) % every != 0:
+            return {}
+        from pipeline.engine.online_eval import evaluate
 
-            if stopped_by is None and progress.batches_in_epoch + accum > steps_per_epoch * accum:
-                epoch_row = {"step": progress.step, "epoch": progress.epoch}
-                epoch_row.update(online_eval(cfg, engine.module, device, progress, logger, is_main))
-                logger.log(epoch_row)
-                progress.batches_in_epoch = steps_per_epoch * accum
-                if saved_step != progress.step and guard.in_a_row == 0:
-                    last_checkpoint, saved_step = save_checkpoint(), progress.step  # epoch end
-                progress.epoch += 1
-                progress.batches_in_epoch = 0
-        if saved_step != progress.step and guard.in_a_row == 0:
-            last_checkpoint, saved_step = save_checkpoint(), progress.step  # max_steps mid-epoch
-    finally:
-        stop.uninstall()
-        logger.close()
-    if is_main and stopped_by is not None:
-        print(f"stopped by {stopped_by} after step {progress.step}; checkpoint {last_checkpoint}", flush=True)
-    return TrainResult(progress.step, progress.epoch, stopped_by, last_checkpoint)
-
-
-def online_eval(
-    cfg: Config, method: nn.Module, device: torch.device, progress: Progress, logger: RunLogger, is_main: bool
-) -> dict[str, float]:
-    """Each `eval.every_epochs`: kNN top-1 on held-out labelled shards, embedding std, embedding map.
-    Every rank extracts features for its share; rank 0 gets the metrics, the others an empty dict."""
-    every = cfg.eval.every_epochs
-    if not every or (progress.epoch + 1) % every != 0:
-        return {}
-    from pipeline.engine.online_eval import evaluate
-
-    distributed = dist.is_initialized() and dist.get_world_size() > 1
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    out_dir = Path(cfg.run.output_dir)
-    result = evaluate(cfg, method, device, out_dir, progress.epoch, rank=rank, world_size=world_size)
-    if is_main and "embedding_map" in result:
-        logger.log_image("embedding_map", Path(result.pop("embedding_map")), progress.step)
-    return {k: v for k, v in result.items() if isinstance(v, float) and not math.isnan(v)}
+        out_dir, rank, world_size = Path(self.cfg.run.output_dir), self.env.rank, self.env.world_size
+        module, device = self.engine.module, self.env.device
+        result = evaluate(self.cfg, module, device, out_dir, epoch, rank=rank, world_size=world_size)
+        if self.is_main and "embedding_map" in result:
+            logger.log_image("embedding_map", Path(result.pop("embedding_map")), step)
+        return {k: v for k, v in result.items() if isinstance(v, float) and not math.isnan(v)}
