@@ -121,7 +121,7 @@ def test_entrypoint_runs_other_commands_as_given() -> None:
 def test_torchrun_sh_trains_with_two_processes(sample_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = subprocess.run(
-        [str(TORCHRUN_SH), *_train_args(sample_shards, out, "train.max_steps=2")],
+        [str(TORCHRUN_SH), *_train_args(sample_shards, out, "train.max_steps=1")],
         cwd=ROOT, env=_env(NPROC_PER_NODE="2"), capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
@@ -239,8 +239,8 @@ def test_slurm_batch_requeues_when_a_launcher_gives_up(tmp_path: Path, restart_c
 def test_slurm_batch_checkpoints_and_requeues_on_sigterm(sample_shards: Path, tmp_path: Path) -> None:
     stubs, env = _slurm_env(tmp_path)
     out = tmp_path / "run"
-    # long enough to be interrupted: SIGTERM goes in once the first checkpoint exists
-    args = _train_args(sample_shards, out, "train.max_steps=200", "checkpoint.every_steps=2")
+    # long enough to be interrupted: SIGTERM goes in once the first checkpoint (step 1) exists
+    args = _train_args(sample_shards, out, "train.max_steps=200", "checkpoint.every_steps=1")
     batch = subprocess.Popen(
         ["bash", str(ROOT / "launch" / "slurm.sbatch"), *args],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
