@@ -190,6 +190,8 @@ def test_method_config_errors_name_the_key() -> None:
         SimCLRConfig(temperature=0.0)
     with pytest.raises(ConfigError, match=r"method\.queue_size"):
         MoCoV2Config(queue_size=0)
+    with pytest.raises(ConfigError, match=r"method\.shuffle_group_size"):
+        MoCoV2Config(shuffle_group_size=1)
     with pytest.raises(ConfigError, match=r"method\.momentum_end"):
         METHOD_CONFIGS["byol"](momentum_end=1.5)
     assert all(cls().name == name for name, cls in METHOD_CONFIGS.items())
