@@ -1,4 +1,4 @@
-"""Cross-rank code against one process: real gloo groups of 2 and 4 ranks (torch.multiprocessing).
+"""Cross-rank code against one process: real gloo groups of 2 and 4 ranks (tests/ranks.py).
 
 Process start dominates on a small machine, so each group runs every distributed check in one go
 (gathered losses, DDP, shuffled BN); a failing check raises in its rank and `spawn` re-raises it here
@@ -8,13 +8,11 @@ with the traceback.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from ports import free_port
+from ranks import run_ranks
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import distributed as pd
@@ -38,6 +36,8 @@ def _local(x: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def _check_env(r: int, world: int) -> None:
+    env = pd.init_from_env()  # the group the rank joined
+    assert (env.rank, env.local_rank, env.world_size, env.device.type) == (r, r, world, "cpu")
     assert pd.is_distributed() and pd.rank() == r and pd.world_size() == world
 
 
@@ -177,8 +177,8 @@ MOCO = MoCoV2Config(queue_size=64, symmetric=True)  # the second direction meets
 
 
 def _mocov2_one_process(world: int) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
-    """One process's loss and gradients over the global batch; computed before the process group
-    exists, so the queue is filled from this batch's keys alone (as on one GPU)."""
+    """One process's loss and gradients over the global batch, computed in the test's process (no group),
+    so the queue is filled from this batch's keys alone (as on one GPU)."""
     g = torch.Generator().manual_seed(1)
     views = [torch.randn(world * 4, 3, 16, 16, generator=g) for _ in range(2)]
     torch.manual_seed(0)
@@ -203,40 +203,26 @@ def _check_mocov2_matches_one_process(
             torch.testing.assert_close(p.grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def _worker(r: int, world: int, port: int) -> None:
-    os.environ.update(
-        {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1"}
-    )
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    moco_reference = _mocov2_one_process(world) if world == 2 else None
-    env = pd.init_from_env(timeout_s=60)
-    completed = False
-    try:
-        assert (env.rank, env.local_rank, env.world_size, env.device.type) == (r, r, world, "cpu")
-        _check_env(r, world)
-        _check_gather_with_grad(r, world)
-        _check_info_nce(r, world, torch.float64, tol=1e-10)
-        _check_info_nce(r, world, torch.float32, tol=1e-5)
-        _check_other_gathered_losses(r, world)
-        _check_shuffle(r, world, None)
-        _check_shuffled_bn_statistics(r, world)
-        if world == 2:  # DDP's first construction imports torch._dynamo, a cost worth paying in one group
-            _check_ddp_step(r, world)
-            _check_mocov2_matches_one_process(r, *moco_reference)
-        else:
-            _check_shuffle(r, world, 2)  # within {0, 1} and {2, 3}: no row crosses to the other pair
-            with pytest.raises(ValueError, match=r"method\.shuffle_group_size=3"):
-                pd.shuffle_batch(_global_ids(r), group_size=3)
-        completed = True
-    finally:
-        pd.leave_process_group(completed=completed)
-    pd.exit_rank(0)  # every check passed
+def _checks(r: int, world: int, moco_reference: tuple | None) -> None:
+    _check_env(r, world)
+    _check_gather_with_grad(r, world)
+    _check_info_nce(r, world, torch.float64, tol=1e-10)
+    _check_info_nce(r, world, torch.float32, tol=1e-5)
+    _check_other_gathered_losses(r, world)
+    _check_shuffle(r, world, None)
+    _check_shuffled_bn_statistics(r, world)
+    if world == 2:  # DDP: one group is enough
+        _check_ddp_step(r, world)
+        _check_mocov2_matches_one_process(r, *moco_reference)
+    else:
+        _check_shuffle(r, world, 2)  # within {0, 1} and {2, 3}: no row crosses to the other pair
+        with pytest.raises(ValueError, match=r"method\.shuffle_group_size=3"):
+            pd.shuffle_batch(_global_ids(r), group_size=3)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_distributed_paths_match_one_process(world: int) -> None:
-    mp.spawn(_worker, args=(world, free_port()), nprocs=world, join=True)
+    run_ranks(_checks, world, _mocov2_one_process(world) if world == 2 else None)
 
 
 def test_without_a_process_group_everything_is_a_world_of_one(monkeypatch: pytest.MonkeyPatch) -> None:
