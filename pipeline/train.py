@@ -15,7 +15,8 @@ import argparse
 import os
 import sys
 
-from pipeline.config import ConfigError, load
+from pipeline.config import load
+from pipeline.schema import ConfigError
 
 EXAMPLES = """examples:
   python -m pipeline.train --config configs/debug.yaml data.train_shards=/data/shards run.output_dir=runs/dbg

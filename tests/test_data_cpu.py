@@ -109,7 +109,7 @@ def test_damaged_sample_is_skipped_and_counted(sample_shards, tmp_path, caplog):
         f.write(b"\x00" * int(size))
 
     loader = build_loader(_cfg(tmp_path, augment=IDENTITY))
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.cpu"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.samples"):
         batches = list(loader)
     assert len(batches) == 5 and all(b.views[0].shape[0] == 50 for b in batches)
     assert loader.state_dict()["replaced_samples"] == 1

@@ -44,9 +44,8 @@ def test_multicrop_views_shapes_dtypes_ranges(sample_shards, backend):
         local_crops=3,
         local_image_size=16,
         dtype="float16",
-        channels_last=True,
     )
-    loader = build_loader(cfg)
+    loader = build_loader(cfg, memory_format=torch.channels_last)
     batch = next(iter(loader))
     assert [tuple(v.shape) for v in batch.views] == [(50, 3, 32, 32)] * 2 + [(50, 3, 16, 16)] * 3
     assert all(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import ConfigError, build
 from pipeline.data import RECIPES, AugmentConfig, DataConfig, resolve_views
+from pipeline.schema import ConfigError, build
 
 
 def test_simclr_defaults_two_identical_global_views():

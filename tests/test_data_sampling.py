@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import ConfigError
 from pipeline.data import sampling
-from pipeline.data.loader import Position
+from pipeline.data.contract import Position
 
 SIZES = (250, 250, 250, 100, 37)  # uneven shards
 

@@ -183,7 +183,7 @@ def test_damaged_sample_is_replaced_and_counted(sample_shards, tmp_path, caplog)
     with open(tmp_path / first["name"], "r+b") as f:
         f.seek(int(offset))
         f.write(b"\x00" * int(size))
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.cpu"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.samples"):
         loader = build_loader(_cfg(tmp_path, augment=IDENTITY))
     assert len(list(loader)) == 5 and loader.state_dict()["replaced_samples"] == 1
     assert f"{first['name']}:" in caplog.text and "data_prep verify" in caplog.text

@@ -17,7 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import distributed as pd
 from pipeline.losses import info_nce, mined_triplet, moco_info_nce, sinkhorn_knopp, supcon
-from pipeline.methods.mocov2 import MoCoV2, MoCoV2Config
+from pipeline.methods.config import MoCoV2Config
+from pipeline.methods.mocov2 import MoCoV2
 from pipeline.models import HeadConfig, ModelConfig
 
 TEMPERATURE = 0.1

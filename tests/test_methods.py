@@ -17,9 +17,10 @@ from pipeline.config import ConfigError
 from pipeline.distributed import all_gather_no_grad, all_reduce_mean
 from pipeline.losses import info_nce, supcon
 from pipeline.methods import METHOD_CONFIGS, METHODS, build_method
-from pipeline.methods.mocov2 import MoCoV2, MoCoV2Config
+from pipeline.methods.config import MoCoV2Config, SimCLRConfig
+from pipeline.methods.mocov2 import MoCoV2
 from pipeline.methods.momentum import MomentumEncoder, momentum_at
-from pipeline.methods.simclr import SimCLR, SimCLRConfig
+from pipeline.methods.simclr import SimCLR
 from pipeline.methods.views import crop_pairs
 from pipeline.models import HeadConfig, ModelConfig, build_backbone
 
@@ -177,6 +178,11 @@ def test_moco_queue_is_a_ring_of_the_latest_keys() -> None:
     assert int(moco.queue_ptr) == 24 % 12
 
 
+def test_every_registered_method_has_one_config_of_its_name() -> None:
+    assert sorted(METHODS) == sorted(METHOD_CONFIGS)
+    assert all(cls().name == name for name, cls in METHOD_CONFIGS.items())
+
+
 def test_method_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"method\.temperature"):
         SimCLRConfig(temperature=0.0)
@@ -186,7 +192,6 @@ def test_method_config_errors_name_the_key() -> None:
         MoCoV2Config(shuffle_group_size=1)
     with pytest.raises(ConfigError, match=r"method\.momentum_end"):
         METHOD_CONFIGS["byol"](momentum_end=1.5)
-    assert all(cls().name == name for name, cls in METHOD_CONFIGS.items())
 
 
 def test_dino_hooks_clip_every_parameter_freeze_the_last_layer_and_warm_the_teacher_up() -> None:

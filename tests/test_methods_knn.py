@@ -26,10 +26,7 @@ from torchvision.transforms import v2
 
 from pipeline.eval.knn import knn_accuracy
 from pipeline.methods import METHODS
-from pipeline.methods.dino import DINOConfig
-from pipeline.methods.simclr import SimCLRConfig
-from pipeline.methods.swav import SwAVConfig
-from pipeline.methods.triplet import TripletConfig
+from pipeline.methods.config import DINOConfig, SimCLRConfig, SwAVConfig, TripletConfig
 from pipeline.models import HeadConfig, ModelConfig, build_backbone
 from pipeline.optim import OptimConfig, build_optimizer, build_schedule
 

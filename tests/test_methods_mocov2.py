@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.methods.mocov2 import MoCoV2, MoCoV2Config
+from pipeline.methods.config import MoCoV2Config
+from pipeline.methods.mocov2 import MoCoV2
 from pipeline.models import HeadConfig, ModelConfig
 
 TINY = ModelConfig(backbone="tiny", cifar_stem=True, projector=HeadConfig(32, 16, batch_norm=False))

@@ -215,9 +215,10 @@ def augment_group(
 class BatchAugment:
     """All views of a recipe for one batch: `augment(images, sizes, rng)` -> [V x (B, 3, S_v, S_v)]."""
 
-    def __init__(self, specs: list[ViewSpec], *, dtype: torch.dtype, channels_last: bool) -> None:
-        self.specs, self.dtype = specs, dtype
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    def __init__(
+        self, specs: list[ViewSpec], *, dtype: torch.dtype, memory_format: torch.memory_format
+    ) -> None:
+        self.specs, self.dtype, self.memory_format = specs, dtype, memory_format
         # Views augmented together: consecutive views of one size, blur kernel and solarise threshold.
         key = [(s.size, s.blur_kernel, s.solarize_threshold) for s in specs]
         self.groups = [len(list(run)) for _, run in groupby(key)]

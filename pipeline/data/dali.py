@@ -20,9 +20,10 @@ import torch
 
 from pipeline.data import sampling
 from pipeline.data.config import DataConfig
-from pipeline.data.loader import Batch, Position
+from pipeline.data.contract import Batch, Position
 from pipeline.data.recipes import ViewSpec, resolve_views
-from pipeline.data.shards import IMAGE_EXTS, VERIFY_HINT, load_shard_set, stage_indexes
+from pipeline.data.samples import decode
+from pipeline.data.shards import IMAGE_EXTS, VERIFY_HINT, SampleReader, load_shard_set, stage_indexes
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,11 @@ def build_pipeline(
     num_shards: int,
     seed: int,
     device_id: int | None,
+    channels_last: bool,
     checkpoint: bytes | None = None,
 ):
-    """The DALI pipeline; outputs: one batch per view, then the raw `.cls` bytes when `labelled`."""
+    """The DALI pipeline; outputs: one batch per view (NHWC when `channels_last`, else NCHW), then the
+    raw `.cls` bytes when `labelled`."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
@@ -125,8 +128,7 @@ def build_pipeline(
                 host_memory_padding=MIXED_HOST_MEMORY_PADDING,
             )
         out = [
-            _augment(images, v, float16=cfg.dtype == "float16", channels_last=cfg.channels_last)
-            for v in views
+            _augment(images, v, float16=cfg.dtype == "float16", channels_last=channels_last) for v in views
         ]
         return (*out, outputs[1]) if labelled else tuple(out)
 
@@ -151,13 +153,22 @@ class DaliLoader:
     """Training loader on a DALI pipeline (built lazily on first iteration, so state can be loaded)."""
 
     def __init__(
-        self, cfg: DataConfig, *, split: str, rank: int, world_size: int, seed: int, device: torch.device
+        self,
+        cfg: DataConfig,
+        *,
+        split: str,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+        memory_format: torch.memory_format,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("data.backend dali on a CUDA device, but CUDA is not available")
         self.cfg, self.rank, self.world_size, self.seed, self.device = cfg, rank, world_size, seed, device
+        self.channels_last = memory_format == torch.channels_last  # DALI writes NHWC, read as NCHW views
         self.shards = load_shard_set(cfg.train_shards, split)
         self.views = resolve_views(cfg)
         self.position = Position(
@@ -189,6 +200,7 @@ class DaliLoader:
                 num_shards=self.world_size,
                 seed=self.seed,
                 device_id=device_id,
+                channels_last=self.channels_last,
                 checkpoint=self._checkpoint,
             )
             self._pipe.build()
@@ -226,13 +238,10 @@ class DaliLoader:
         out = torch.empty(dense.shape(), dtype=dtype, device=self.device)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         feed_ndarray(dense, out, cuda_stream=stream)
-        return out.permute(0, 3, 1, 2) if self.cfg.channels_last else out  # NHWC storage = channels_last
+        return out.permute(0, 3, 1, 2) if self.channels_last else out  # NHWC storage = channels_last
 
     def _first_damaged(self) -> str:
         """Find the sample DALI choked on by decoding this rank's part of the split on the CPU."""
-        from pipeline.data.cpu import decode
-        from pipeline.data.shards import SampleReader
-
         reader = SampleReader(self.shards)
         n = self.shards.num_samples
         lo, hi = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size

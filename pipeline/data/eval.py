@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from pipeline.data.batch_augment import resize_weights, separable
-from pipeline.data.cpu import Collate, ShardSamples
 from pipeline.data.recipes import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.resident import OverBudget, ResidentImages, decode_resident
+from pipeline.data.samples import Collate, ShardSamples
 from pipeline.data.shards import load_shard_set
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class EvalLoader:
             dataset,
             batch_sampler=batches,
             num_workers=num_workers,
-            collate_fn=Collate(torch.float32, channels_last=False),
+            collate_fn=Collate(torch.float32, torch.contiguous_format),
             pin_memory=device.type == "cuda",
         )
 

@@ -10,12 +10,9 @@ blur 1.0/0.1 and solarise 0.0/0.2 on its two views), SwAV's multi-crop (Caron et
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-from pipeline.config import ConfigError
-
-if TYPE_CHECKING:
-    from pipeline.data.config import DataConfig
+from pipeline.schema import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -124,7 +121,18 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def resolve_views(cfg: DataConfig) -> list[ViewSpec]:
+class ViewsConfig(Protocol):
+    """What `resolve_views` reads of a `DataConfig` (which imports this module to check its recipe)."""
+
+    recipe: str
+    image_size: int
+    local_image_size: int
+    global_crops: int | None
+    local_crops: int | None
+    augment: Any  # AugmentConfig
+
+
+def resolve_views(cfg: ViewsConfig) -> list[ViewSpec]:
     """The recipe named by `cfg.recipe` with `cfg.augment` overrides: global views first, then locals."""
     if cfg.recipe not in RECIPES:
         raise ConfigError(f"data.recipe: unknown value {cfg.recipe!r}, expected one of {sorted(RECIPES)}")

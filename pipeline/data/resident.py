@@ -3,7 +3,7 @@
 Small corpora (CIFAR, STL-10, Imagenette, a few GB of one's own) fit in GPU (or host) memory as uint8;
 keeping them there turns every later epoch into an index gather, with no decode and no host-to-device
 copy. Images of different sizes are zero-padded to the largest and their true sizes kept beside them.
-Decoding runs once, in parallel DataLoader workers, with the CPU backend's rule for damaged samples
+Decoding runs once, in parallel DataLoader workers, with `samples`' rule for damaged samples
 (replaced by the next readable one, logged and counted).
 """
 
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.config import ConfigError
 from pipeline.data.batch_augment import pad_images
-from pipeline.data.cpu import ShardSamples
+from pipeline.data.samples import ShardSamples
 from pipeline.data.shards import ShardSet, read_manifest
+from pipeline.schema import ConfigError
 
 DECODE_CHUNK = 256  # samples per worker task while decoding
 

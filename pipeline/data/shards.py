@@ -16,7 +16,7 @@ import fsspec
 import numpy as np
 
 import data_prep.manifest
-from pipeline.config import ConfigError
+from pipeline.schema import ConfigError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REMOTE_BLOCK_BYTES = 4 << 20

@@ -4,7 +4,7 @@ On a GPU, workers only read the encoded bytes; each batch's JPEGs are decoded in
 (`torchvision.io.decode_jpeg(device="cuda")`), other formats on the CPU. On a CPU the workers decode
 as well, in parallel. Either way a batch leaves here as uint8 padded to its largest image with the true
 sizes beside it, ready for `BatchAugment`. Damaged samples are replaced by the next readable one,
-logged and counted, as in the CPU backend.
+logged and counted (`samples.ShardSamples`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.data.batch_augment import pad_images
-from pipeline.data.cpu import ShardSamples, _init_worker
+from pipeline.data.samples import ShardSamples, init_worker
 from pipeline.data.shards import SampleReader, ShardSet
 
 JPEG_MAGIC = b"\xff\xd8"
@@ -59,7 +59,7 @@ class StreamingSource:
     ) -> None:
         self.device = device
         self.gpu_decode = device.type == "cuda"
-        # Damaged samples (and, on a GPU, anything nvJPEG refuses) go through the CPU backend's decoder.
+        # Damaged samples (and, on a GPU, anything nvJPEG refuses) go through `ShardSamples`' decoder.
         self.fallback = ShardSamples(shards, [torch.nn.Identity()], seed=0, seeded=False)
         self._loader = DataLoader(
             EncodedSamples(shards) if self.gpu_decode else self.fallback,
@@ -69,7 +69,7 @@ class StreamingSource:
             pin_memory=self.gpu_decode,
             persistent_workers=num_workers > 0,
             prefetch_factor=prefetch if num_workers > 0 else None,
-            worker_init_fn=_init_worker if num_workers > 0 else None,
+            worker_init_fn=init_worker if num_workers > 0 else None,
         )
 
     def __iter__(self) -> Iterator[StreamBatch]:

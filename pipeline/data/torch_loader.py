@@ -2,10 +2,10 @@
 
 Pixels come from a resident corpus (decoded once into device memory, batches gathered by index) or are
 streamed from the shards batch by batch (`data.source`: `auto` keeps the split resident when it fits
-`data.resident_budget_gib`, and streams otherwise). The epoch order and rank split are the CPU backend's
-(`sampling`: a pure function of seed and epoch), and each batch's augmentation is drawn from a generator
-seeded by (seed, epoch, batch, rank), so a restored loader yields bit-identical batches to an
-uninterrupted one, whichever source feeds it.
+`data.resident_budget_gib`, and streams otherwise). The epoch order and rank split are the CPU
+backend's (`sampling.EpochBatches`: a pure function of seed and epoch), and each batch's augmentation is
+drawn from a generator seeded by (seed, epoch, batch, rank), so a restored loader yields bit-identical
+batches to an uninterrupted one, whichever source feeds it.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import torch
 
 from pipeline.data.batch_augment import BatchAugment
 from pipeline.data.config import DataConfig
-from pipeline.data.cpu import EpochBatches
-from pipeline.data.loader import Batch
+from pipeline.data.contract import Batch
 from pipeline.data.recipes import resolve_views
 from pipeline.data.resident import OverBudget, ResidentImages, decode_resident
+from pipeline.data.sampling import EpochBatches
 from pipeline.data.streaming import StreamingSource
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,15 @@ class TorchLoader:
     """Training loader of the `torch` backend (see the module docstring for the determinism contract)."""
 
     def __init__(
-        self, cfg: DataConfig, *, split: str, rank: int, world_size: int, seed: int, device: torch.device
+        self,
+        cfg: DataConfig,
+        *,
+        split: str,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+        memory_format: torch.memory_format,
     ) -> None:
         self._batches = EpochBatches.for_rank(cfg, split, rank=rank, world_size=world_size, seed=seed)
         self.cfg, self.rank, self.world_size, self.seed, self.device = cfg, rank, world_size, seed, device
@@ -46,7 +54,7 @@ class TorchLoader:
         self.augment = BatchAugment(
             self.views,
             dtype=torch.float16 if cfg.dtype == "float16" else torch.float32,
-            channels_last=cfg.channels_last,
+            memory_format=memory_format,
         )
         self.resident = self._resident()
         self.stream = None

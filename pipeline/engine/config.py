@@ -5,58 +5,44 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Annotated, Literal
 
-from pipeline.config import ConfigError
-
-if TYPE_CHECKING:
-    from pipeline.config import Config
+from pipeline.schema import Bound, ConfigError, Section
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section, key="train"):
     engine: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed_config: str = "configs/deepspeed/zero1.json"  # ZeRO stage etc.; batch/clip/bf16 come from here
-    epochs: int = 100
-    max_steps: int | None = None  # stop early (debug, benchmarks); the schedule still spans `epochs`
+    epochs: Annotated[int, Bound(ge=1)] = 100
+    # stop early (debug, benchmarks); the schedule still spans `epochs`
+    max_steps: Annotated[int, Bound(ge=1)] | None = None
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
     channels_last: bool = True  # only applied on CUDA, where it speeds up convolutions
     compile: bool = False  # torch.compile the method (CUDA only; ignored on the CPU)
-    grad_accum_steps: int = 1
-    grad_clip: float | None = None  # max global grad norm
+    grad_accum_steps: Annotated[int, Bound(ge=1)] = 1
+    grad_clip: Annotated[float, Bound(gt=0)] | None = None  # max global grad norm
     sync_bn: bool = False  # DDP only: convert BatchNorm to SyncBatchNorm
-    max_bad_steps: int = 5  # this many non-finite losses in a row stop the run
-    collective_timeout_s: int = 600  # a dead rank surfaces as an error after this long, not a hang
+    max_bad_steps: Annotated[int, Bound(ge=1)] = 5  # this many non-finite losses in a row stop the run
+    # a dead rank surfaces as an error after this long, not a hang
+    collective_timeout_s: Annotated[int, Bound(ge=1)] = 600
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
-        if self.grad_accum_steps < 1:
-            raise ConfigError(f"train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ConfigError(f"train.grad_clip must be > 0 or null, got {self.grad_clip}")
-        if self.max_bad_steps < 1:
-            raise ConfigError(f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
-        if self.collective_timeout_s < 1:
-            raise ConfigError(f"train.collective_timeout_s must be >= 1, got {self.collective_timeout_s}")
+        super().__post_init__()
         if self.engine == "deepspeed" and self.sync_bn:
             raise ConfigError("train.sync_bn is supported with train.engine=ddp only")
 
 
 @dataclass(frozen=True)
-class CheckpointConfig:
+class CheckpointConfig(Section, key="checkpoint"):
     dir: str | None = None  # local path or fsspec URL (s3://...); default {run.output_dir}/checkpoints
-    every_steps: int | None = 1000  # also saved at each epoch end and on SIGTERM/SIGINT
-    keep_last: int = 3
+    # also saved at each epoch end and on SIGTERM/SIGINT
+    every_steps: Annotated[int, Bound(ge=1)] | None = 1000
+    keep_last: Annotated[int, Bound(ge=1)] = 3
     resume: str = "auto"  # "auto" (newest complete checkpoint, if any), "none", or a checkpoint path/URL
 
     def __post_init__(self) -> None:
-        if self.every_steps is not None and self.every_steps < 1:
-            raise ConfigError(f"checkpoint.every_steps must be >= 1 or null, got {self.every_steps}")
-        if self.keep_last < 1:
-            raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+        super().__post_init__()
         if not self.resume:
             raise ConfigError("checkpoint.resume must be 'auto', 'none' or a checkpoint path")
 
@@ -72,14 +58,10 @@ class WandbConfig:
 
 
 @dataclass(frozen=True)
-class LoggingConfig:
-    every_steps: int = 10  # metrics.jsonl / W&B row every N optimizer steps
+class LoggingConfig(Section, key="logging"):
+    every_steps: Annotated[int, Bound(ge=1)] = 10  # metrics.jsonl / W&B row every N optimizer steps
     progress_bar: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
-
-    def __post_init__(self) -> None:
-        if self.every_steps < 1:
-            raise ConfigError(f"logging.every_steps must be >= 1, got {self.every_steps}")
 
 
 def resolve_deepspeed_config(path: str) -> Path:
@@ -103,23 +85,3 @@ def deepspeed_stage(path: str) -> int:
     if stage not in (0, 1, 2):
         raise ConfigError(f"train.deepspeed_config: ZeRO stage {stage} in {path}; supported: 0, 1, 2")
     return stage
-
-
-def check_combinations(cfg: Config) -> None:
-    """Cross-section checks: combinations that would fail or silently do the wrong thing later."""
-    if cfg.train.engine == "deepspeed":
-        stage = deepspeed_stage(cfg.train.deepspeed_config)
-        if stage >= 1 and cfg.optim.name == "lars":
-            # ZeRO hands the client optimizer flat partitions: LARS's per-layer trust ratio would be wrong.
-            raise ConfigError(
-                f"optim.name=lars cannot run under ZeRO stage {stage} (per-layer norms are split across "
-                "partitions); use train.engine=ddp, ZeRO stage 0, or optim.name=sgd/adamw"
-            )
-        if stage >= 1 and getattr(cfg.method, "edits_gradients", False):  # see pipeline.methods.base
-            raise ConfigError(
-                f"method.name={cfg.method.name} edits whole gradients or weights between backward and the "
-                f"optimizer step, which ZeRO stage {stage} partitions; use train.engine=ddp or "
-                "train.deepspeed_config=configs/deepspeed/zero0.json"
-            )
-    if cfg.eval.every_epochs and cfg.data.val_shards is None:
-        raise ConfigError("eval.every_epochs > 0 needs data.val_shards (labelled held-out shards for kNN)")

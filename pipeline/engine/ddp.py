@@ -12,8 +12,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.config import ConfigError
 from pipeline.engine.checkpoint import CheckpointStore
+from pipeline.schema import ConfigError
 
 
 class DDPEngine:

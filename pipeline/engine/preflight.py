@@ -9,9 +9,9 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.config import ConfigError
 from pipeline.engine.checkpoint import CheckpointError, CheckpointStore
 from pipeline.engine.runlock import RunFolderBusy, RunLock
+from pipeline.schema import ConfigError
 
 # One checkpoint holds the weights (and buffers) plus up to two optimizer moments per weight (AdamW).
 CHECKPOINT_SIZE_FACTOR = 3

@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import Config, ConfigError, from_dict, to_dict
+from pipeline.config import Config, from_dict
+from pipeline.schema import ConfigError, to_dict
 
 FIXED_ON_RESUME = (
     "model.",
@@ -107,7 +108,7 @@ def resume_point(
     """Convert the saved loader position (counted in global samples) to this run's batches, and the
     optimizer-step counter to the schedule's position, so that neither the loader nor the schedule
     repeats or skips more than one batch when data.batch_size or the world size changed."""
-    from pipeline.data.loader import Position
+    from pipeline.data.contract import Position
 
     position = Position(batches_per_epoch)
     position.load_state_dict(loader_state, batch_size, world_size)

@@ -308,6 +308,7 @@ def train(cfg: Config) -> TrainResult:
 
 def _train(cfg: Config, env: Any) -> TrainResult:
     from pipeline.data import build_loader
+    from pipeline.data.contract import memory_format
     from pipeline.methods import build_method
     from pipeline.optim import build_schedule
 
@@ -316,8 +317,15 @@ def _train(cfg: Config, env: Any) -> TrainResult:
     seed_everything(cfg.run.seed, cfg.run.deterministic)
 
     # Data: batches per epoch per rank, and the step budget derived from it.
+    fmt = memory_format(cfg.train.channels_last, device)
     loader = build_loader(
-        cfg.data, split="train", rank=rank, world_size=world_size, seed=cfg.run.seed, device=device
+        cfg.data,
+        split="train",
+        rank=rank,
+        world_size=world_size,
+        seed=cfg.run.seed,
+        device=device,
+        memory_format=fmt,
     )
     accum = cfg.train.grad_accum_steps
     steps_per_epoch = len(loader) // accum

@@ -4,27 +4,14 @@ rank computes the same loss, and DDP's gradient averaging gives the single-proce
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from pipeline.config import ConfigError
 from pipeline.distributed import gather_with_grad
 from pipeline.losses import barlow_twins
 from pipeline.losses.precision import upcast
+from pipeline.methods.config import BarlowTwinsConfig
 from pipeline.methods.encoder import ProjectedEncoder
 from pipeline.methods.views import crop_pairs, encode, split_crops
-
-
-@dataclass(frozen=True)
-class BarlowTwinsConfig:
-    name: str = "barlow_twins"
-    lambd: float = 0.0051
-    gather: bool = True
-
-    def __post_init__(self) -> None:
-        if self.lambd < 0:
-            raise ConfigError(f"method.lambd must be >= 0, got {self.lambd}")
 
 
 class BarlowTwins(ProjectedEncoder):

@@ -4,24 +4,13 @@ No negatives, so nothing is gathered across ranks."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from pipeline.losses import byol
-from pipeline.methods.momentum import MomentumMethod, check_momentum
+from pipeline.methods.config import BYOLConfig
+from pipeline.methods.momentum import MomentumMethod
 from pipeline.methods.views import crop_pairs, encode, split_crops
 from pipeline.models import ModelConfig, build_mlp
-
-
-@dataclass(frozen=True)
-class BYOLConfig:
-    name: str = "byol"
-    momentum: float = 0.99
-    momentum_end: float | None = 1.0
-
-    def __post_init__(self) -> None:
-        check_momentum(self.momentum, self.momentum_end)
 
 
 class BYOL(MomentumMethod):

@@ -11,62 +11,18 @@ depth), L2 normalisation, then a weight-normalised linear layer to `out_dim` log
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from pipeline.config import ConfigError
 from pipeline.distributed import all_reduce_mean
 from pipeline.losses import dino_loss
 from pipeline.methods.base import Method
-from pipeline.methods.momentum import MomentumEncoder, check_momentum, momentum_at
+from pipeline.methods.config import DINOConfig
+from pipeline.methods.momentum import MomentumEncoder, momentum_at
 from pipeline.methods.views import encode, split_crops
 from pipeline.models import HeadConfig, ModelConfig, build_backbone
-
-
-@dataclass(frozen=True)
-class DINOConfig:
-    """Defaults are the paper's ViT-S/16 settings. Schedules count optimizer steps (the paper's epochs
-    times steps per epoch; see configs/imagenet_dino.yaml):
-    teacher_temp_warmup_steps: the teacher temperature rises linearly from warmup_teacher_temp;
-    freeze_last_layer_steps: the last layer gets no update (the paper: the first epoch);
-    clip_grad: each parameter's gradient norm is clipped to it (null: off)."""
-
-    name: str = "dino"
-    out_dim: int = 65536
-    norm_last_layer: bool = True
-    student_temp: float = 0.1
-    teacher_temp: float = 0.04
-    warmup_teacher_temp: float = 0.04
-    teacher_temp_warmup_steps: int = 0
-    center_momentum: float = 0.9
-    momentum: float = 0.996
-    momentum_end: float | None = 1.0
-    freeze_last_layer_steps: int = 0
-    clip_grad: float | None = 3.0
-
-    def __post_init__(self) -> None:
-        if self.out_dim < 1:
-            raise ConfigError(f"method.out_dim must be >= 1, got {self.out_dim}")
-        for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"method.{key} must be > 0, got {getattr(self, key)}")
-        for key in ("teacher_temp_warmup_steps", "freeze_last_layer_steps"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"method.{key} must be >= 0, got {getattr(self, key)}")
-        if not 0 <= self.center_momentum <= 1:
-            raise ConfigError(f"method.center_momentum must be in [0, 1], got {self.center_momentum}")
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            raise ConfigError(f"method.clip_grad must be > 0 or null, got {self.clip_grad}")
-        check_momentum(self.momentum, self.momentum_end)
-
-    @property
-    def edits_gradients(self) -> bool:
-        """after_backward needs whole gradients (see pipeline.methods.base)."""
-        return self.clip_grad is not None or self.freeze_last_layer_steps > 0
 
 
 class DINOHead(nn.Module):

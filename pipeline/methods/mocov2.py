@@ -8,51 +8,15 @@ reveal which key belongs to which query; alternatively run with `train.sync_bn`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ConfigError
 from pipeline.distributed import all_gather_no_grad, shuffle_batch, unshuffle_batch
 from pipeline.losses import moco_info_nce
-from pipeline.methods.momentum import MomentumMethod, check_momentum
+from pipeline.methods.config import MoCoV2Config
+from pipeline.methods.momentum import MomentumMethod
 from pipeline.methods.views import crop_pairs, encode, split_crops
 from pipeline.models import ModelConfig
-
-
-@dataclass(frozen=True)
-class MoCoV2Config:
-    """momentum_end: None keeps `momentum` constant (the paper); a value follows a cosine to it.
-    symmetric: also contrast view 2's query with view 1's key (a common CIFAR improvement).
-    shuffle_group_size: shuffle the keys' batch within blocks of this many consecutive ranks (the
-    processes per node keeps the images off the inter-node links); None shuffles over every rank.
-    queue_between_directions (symmetric only): each key crop's keys join the queue before the next key
-        crop's losses (two views: view 2's keys before the second direction's), so later queries also
-        meet this batch's keys, fresh from the current key encoder, as negatives (lightly's order: its
-        memory bank advances inside each loss call). False: every direction sees only the queue from
-        before this batch (the MoCo CIFAR demo's order). BENCHMARKS.md, "Representation quality".
-    Multi-crop's local crops are extra queries against the same keys."""
-
-    name: str = "mocov2"
-    temperature: float = 0.2
-    queue_size: int = 65536
-    momentum: float = 0.999
-    momentum_end: float | None = None
-    shuffle_bn: bool = True
-    symmetric: bool = False
-    shuffle_group_size: int | None = None
-    queue_between_directions: bool = True
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"method.temperature must be > 0, got {self.temperature}")
-        if self.queue_size <= 0:
-            raise ConfigError(f"method.queue_size must be > 0, got {self.queue_size}")
-        check_momentum(self.momentum, self.momentum_end)
-        if self.shuffle_group_size is not None and self.shuffle_group_size < 2:
-            size = self.shuffle_group_size
-            raise ConfigError(f"method.shuffle_group_size must be >= 2 or null, got {size}")
 
 
 class MoCoV2(MomentumMethod):

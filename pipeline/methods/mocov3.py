@@ -4,29 +4,13 @@ on a cosine schedule towards 1. Works with ResNets and ViTs (use a projector wit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from pipeline.config import ConfigError
 from pipeline.losses import moco_info_nce
-from pipeline.methods.momentum import MomentumMethod, check_momentum
+from pipeline.methods.config import MoCoV3Config
+from pipeline.methods.momentum import MomentumMethod
 from pipeline.methods.views import crop_pairs, encode, split_crops
 from pipeline.models import ModelConfig, build_mlp
-
-
-@dataclass(frozen=True)
-class MoCoV3Config:
-    name: str = "mocov3"
-    temperature: float = 0.2
-    momentum: float = 0.99
-    momentum_end: float | None = 1.0
-    gather: bool = True
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"method.temperature must be > 0, got {self.temperature}")
-        check_momentum(self.momentum, self.momentum_end)
 
 
 class MoCoV3(MomentumMethod):

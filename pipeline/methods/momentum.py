@@ -12,16 +12,8 @@ import math
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError
 from pipeline.methods.encoder import ProjectedEncoder
 from pipeline.models import ModelConfig
-
-
-def check_momentum(momentum: float, momentum_end: float | None) -> None:
-    """The EMA momentum and its schedule's end must be in [0, 1] (1 freezes the target)."""
-    for key, value in (("momentum", momentum), ("momentum_end", momentum_end)):
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise ConfigError(f"method.{key} must be in [0, 1], got {value}")
 
 
 def momentum_at(step: int, total_steps: int, base: float, end: float | None) -> float:

@@ -10,47 +10,13 @@ hard ones (Robinson et al., 2021); see `pipeline.losses.info_nce`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 
-from pipeline.config import ConfigError
 from pipeline.distributed import rank
 from pipeline.losses import info_nce, supcon
+from pipeline.methods.config import SimCLRConfig
 from pipeline.methods.encoder import ProjectedEncoder
 from pipeline.methods.views import encode, split_crops
-
-
-@dataclass(frozen=True)
-class SimCLRConfig:
-    """gather: negatives from every rank (else only the local batch); chunk_size: blockwise NT-Xent for
-    very large two-view batches (same value and gradients, flat memory); negatives: all | debiased
-    (class prior tau_plus, the chance that two random images share a class: 0.1 for 10 balanced
-    classes) | hard (concentration beta, debiased by tau_plus; tau_plus=0 for hard weighting alone)."""
-
-    name: str = "simclr"
-    temperature: float = 0.2
-    gather: bool = True
-    chunk_size: int | None = None
-    negatives: Literal["all", "debiased", "hard"] = "all"
-    tau_plus: float = 0.1
-    beta: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"method.temperature must be > 0, got {self.temperature}")
-        if self.chunk_size is not None and self.chunk_size <= 0:
-            raise ConfigError(f"method.chunk_size must be > 0 or null, got {self.chunk_size}")
-        if not 0 <= self.tau_plus < 1:
-            raise ConfigError(f"method.tau_plus must be in [0, 1), got {self.tau_plus}")
-        if self.beta < 0:
-            raise ConfigError(f"method.beta must be >= 0, got {self.beta}")
-        if self.negatives != "all" and self.chunk_size is not None:
-            raise ConfigError(
-                f"method.negatives={self.negatives} needs the full similarity matrix; "
-                "set method.chunk_size=null"
-            )
 
 
 class SimCLR(ProjectedEncoder):

@@ -3,25 +3,12 @@ class is a positive (labels from the shards' `.cls`), `pipeline.losses.supcon` i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from pipeline.config import ConfigError
 from pipeline.losses import supcon
+from pipeline.methods.config import SupConConfig
 from pipeline.methods.encoder import ProjectedEncoder
 from pipeline.methods.views import encode, split_crops
-
-
-@dataclass(frozen=True)
-class SupConConfig:
-    name: str = "supcon"
-    temperature: float = 0.1
-    gather: bool = True
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"method.temperature must be > 0, got {self.temperature}")
 
 
 class SupCon(ProjectedEncoder):

@@ -13,50 +13,16 @@ rank 0 restores every rank.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ConfigError
 from pipeline.distributed import all_gather_no_grad, rank, world_size
 from pipeline.losses import sinkhorn_knopp, swav_loss
+from pipeline.methods.config import SwAVConfig
 from pipeline.methods.encoder import ProjectedEncoder
 from pipeline.methods.views import encode, split_crops
 from pipeline.models import ModelConfig
-
-
-@dataclass(frozen=True)
-class SwAVConfig:
-    """Defaults are the paper's ImageNet settings (batch 4096: 313 steps = one epoch of frozen
-    prototypes). queue_size: past global-batch embeddings per global crop used in Sinkhorn, a multiple
-    of the global batch (0: no queue); gather: Sinkhorn over the global batch (else each rank's own)."""
-
-    name: str = "swav"
-    num_prototypes: int = 3000
-    temperature: float = 0.1
-    epsilon: float = 0.05
-    sinkhorn_iterations: int = 3
-    freeze_prototypes_steps: int = 313
-    queue_size: int = 0
-    gather: bool = True
-
-    def __post_init__(self) -> None:
-        for key in ("num_prototypes", "sinkhorn_iterations"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"method.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("temperature", "epsilon"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"method.{key} must be > 0, got {getattr(self, key)}")
-        for key in ("freeze_prototypes_steps", "queue_size"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"method.{key} must be >= 0, got {getattr(self, key)}")
-
-    @property
-    def edits_gradients(self) -> bool:
-        """Prototypes are normalised in place after the step (see pipeline.methods.base)."""
-        return True
 
 
 class SwAV(ProjectedEncoder):

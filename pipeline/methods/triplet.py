@@ -8,31 +8,13 @@ from the views of both crops of the pair."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ConfigError
 from pipeline.losses import mined_triplet
+from pipeline.methods.config import TripletConfig
 from pipeline.methods.encoder import ProjectedEncoder
 from pipeline.methods.views import crop_pairs, encode, split_crops
-
-
-@dataclass(frozen=True)
-class TripletConfig:
-    """margin: in Euclidean distance between unit vectors (0..2); mining: hard | semi-hard;
-    gather: negatives from every rank (else only the local batch)."""
-
-    name: str = "triplet"
-    margin: float = 0.5
-    mining: Literal["hard", "semi-hard"] = "semi-hard"
-    gather: bool = True
-
-    def __post_init__(self) -> None:
-        if not 0 < self.margin <= 2:
-            raise ConfigError(f"method.margin must be in (0, 2] for unit vectors, got {self.margin}")
 
 
 class Triplet(ProjectedEncoder):

@@ -4,30 +4,14 @@ paper's FullGatherLayer); every rank computes the same loss."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from pipeline.config import ConfigError
 from pipeline.distributed import gather_with_grad
 from pipeline.losses import vicreg
 from pipeline.losses.precision import upcast
+from pipeline.methods.config import VICRegConfig
 from pipeline.methods.encoder import ProjectedEncoder
 from pipeline.methods.views import crop_pairs, encode, split_crops
-
-
-@dataclass(frozen=True)
-class VICRegConfig:
-    name: str = "vicreg"
-    sim_weight: float = 25.0
-    var_weight: float = 25.0
-    cov_weight: float = 1.0
-    gather: bool = True
-
-    def __post_init__(self) -> None:
-        for key in ("sim_weight", "var_weight", "cov_weight"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"method.{key} must be >= 0, got {getattr(self, key)}")
 
 
 class VICReg(ProjectedEncoder):

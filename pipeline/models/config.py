@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
-from pipeline.config import ConfigError
+from pipeline.schema import Bound, ConfigError, Section
 
 RESNETS = ("resnet18", "resnet50", "tiny")
 VITS = ("vit_tiny", "vit_small", "vit_base")
@@ -18,15 +19,15 @@ class HeadConfig:
     last_batch_norm: a parameter-free BN on the output (SimCLR v2, MoCo v3 projectors).
     """
 
-    hidden_dim: int = 2048
-    output_dim: int = 128
-    num_layers: int = 2
+    hidden_dim: Annotated[int, Bound(gt=0)] = 2048
+    output_dim: Annotated[int, Bound(gt=0)] = 128
+    num_layers: Annotated[int, Bound(ge=1)] = 2
     batch_norm: bool = True
     last_batch_norm: bool = False
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section, key="model"):
     """backbone: resnet18 | resnet50 (torchvision), vit_small | vit_base (timm, /16 patches), or the small
     options for CPU tests and quick starts: `tiny` (a ResNet-10 of quarter width, 0.3 M parameters,
     CIFAR stem capable) and `vit_tiny` (timm ViT-Ti).
@@ -40,48 +41,30 @@ class ModelConfig:
 
     backbone: str = "resnet50"
     cifar_stem: bool = False
-    image_size: int = 224
-    patch_size: int = 16
-    drop_path_rate: float = 0.0
+    image_size: Annotated[int, Bound(gt=0)] = 224
+    patch_size: Annotated[int, Bound(gt=0)] = 16
+    drop_path_rate: Annotated[float, Bound(ge=0, lt=1)] = 0.0
     projector: HeadConfig = field(default_factory=HeadConfig)
     predictor: HeadConfig | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # the bounds, the heads' included
         if self.backbone not in BACKBONES:
             raise ConfigError(f"model.backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if self.cifar_stem and self.backbone not in RESNETS:
             raise ConfigError(f"model.cifar_stem applies to ResNets only, not {self.backbone!r}")
-        if self.image_size <= 0 or self.patch_size <= 0:
-            raise ConfigError(
-                f"model.image_size and model.patch_size must be > 0, got {self.image_size}, {self.patch_size}"
-            )
         if self.backbone in VITS and self.image_size % self.patch_size:
             raise ConfigError(
                 f"model.image_size={self.image_size} must be a multiple of model.patch_size={self.patch_size}"
             )
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
-        check_head(self.projector, "model.projector")
-        if self.predictor is not None:
-            check_head(self.predictor, "model.predictor")
-            if self.predictor.output_dim != self.projector.output_dim:
-                raise ConfigError(
-                    f"model.predictor.output_dim={self.predictor.output_dim} must equal "
-                    f"model.projector.output_dim={self.projector.output_dim} (it predicts the projection)"
-                )
+        if self.predictor is not None and self.predictor.output_dim != self.projector.output_dim:
+            raise ConfigError(
+                f"model.predictor.output_dim={self.predictor.output_dim} must equal "
+                f"model.projector.output_dim={self.projector.output_dim} (it predicts the projection)"
+            )
 
     def default_predictor(self) -> HeadConfig:
         """The predictor to build: the configured one, or a 2-layer BN MLP of the projector's widths."""
         if self.predictor is not None:
             return self.predictor
         return HeadConfig(self.projector.hidden_dim, self.projector.output_dim, num_layers=2, batch_norm=True)
-
-
-def check_head(head: HeadConfig, key: str) -> None:
-    """Raise ConfigError naming `key` (e.g. model.projector) when a head's sizes are impossible."""
-    if head.num_layers < 1:
-        raise ConfigError(f"{key}.num_layers must be >= 1, got {head.num_layers}")
-    if head.hidden_dim <= 0 or head.output_dim <= 0:
-        raise ConfigError(
-            f"{key}.hidden_dim and .output_dim must be > 0, got {head.hidden_dim}, {head.output_dim}"
-        )

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from pipeline.models.config import HeadConfig, check_head
+from pipeline.models.config import HeadConfig
+from pipeline.schema import check_bounds
 
 
 def build_mlp(in_dim: int, cfg: HeadConfig) -> nn.Module:
     """(B, in_dim) -> (B, cfg.output_dim). Linears followed by BN carry no bias (BN's shift replaces it)."""
-    check_head(cfg, "head")
+    check_bounds(cfg, "head")
     layers: list[nn.Module] = []
     dim = in_dim
     for _ in range(cfg.num_layers - 1):

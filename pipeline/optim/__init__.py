@@ -1,8 +1,20 @@
-"""Optimizers (LARS, SGD, AdamW with biases and norms excluded from decay) and their schedules."""
+"""Optimizers (LARS, SGD, AdamW with biases and norms excluded from decay) and their schedules.
 
-from pipeline.optim.build import build_optimizer, param_groups
+The optimizers (torch) load on first use, so reading a config imports no torch (see `pipeline.lazy`)."""
+
+from pipeline.lazy import lazy_attributes
 from pipeline.optim.config import OptimConfig
-from pipeline.optim.lars import LARS
-from pipeline.optim.schedule import Schedule, build_schedule, peak_lr
+
+__getattr__ = lazy_attributes(
+    __name__,
+    {
+        "LARS": ".lars",
+        "build_optimizer": ".build",
+        "param_groups": ".build",
+        "Schedule": ".schedule",
+        "build_schedule": ".schedule",
+        "peak_lr": ".schedule",
+    },
+)
 
 __all__ = ["LARS", "OptimConfig", "Schedule", "build_optimizer", "build_schedule", "param_groups", "peak_lr"]

@@ -1,0 +1,110 @@
+"""Samples read from the shards by sample id, for DataLoader workers: decode, the rule for damaged
+samples (replaced by the next readable one, logged and counted), batching, and the workers' setup.
+Shared by the cpu and torch training backends, the resident decode and the eval loader.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image
+
+from pipeline.data import sampling
+from pipeline.data.shards import VERIFY_HINT, SampleReader, ShardSet, UnreadableShards
+
+log = logging.getLogger(__name__)
+MAX_REPLACEMENTS = 32  # consecutive undecodable samples before giving up: the shards are broken
+
+
+def decode(data: bytes) -> torch.Tensor:
+    """JPEG/PNG/WebP bytes -> uint8 (3, H, W) RGB (greyscale converted)."""
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+class ShardSamples(Dataset):
+    """Item (sample id, epoch) -> (views, label, replaced). An undecodable sample is replaced by the
+    next readable one (deterministically), logged and counted, so batch shapes never change."""
+
+    def __init__(self, shards: ShardSet, transforms: list[Callable], *, seed: int, seeded: bool) -> None:
+        self.reader = SampleReader(shards)
+        self.transforms = transforms
+        self.seed = seed
+        self.seeded = seeded
+
+    def __len__(self) -> int:
+        return self.reader.shards.num_samples
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> list[tuple[list[torch.Tensor], int, int]]:
+        """A batch with one intra-op thread (the DataLoader calls this when present): ops on single small
+        images only pay thread synchronisation for more threads, ~9x slower on a busy 2-core machine."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return [self[item] for item in items]
+        finally:
+            torch.set_num_threads(threads)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[list[torch.Tensor], int, int]:
+        sample_id, epoch = item
+        n = self.reader.shards.num_samples
+        for replaced in range(MAX_REPLACEMENTS):
+            candidate = (sample_id + replaced) % n
+            try:
+                image = decode(self.reader.image_bytes(candidate))
+                label = self.reader.label(candidate)
+            except UnreadableShards:
+                raise
+            except (RuntimeError, OSError, ValueError) as e:
+                log.warning(
+                    "skipping undecodable sample %s (%s); %s",
+                    self.reader.shards.locate(candidate),
+                    e,
+                    VERIFY_HINT.format(root=self.reader.shards.root),
+                )
+                continue
+            return self._views(image, candidate, epoch), label, replaced
+        raise UnreadableShards(
+            f"{MAX_REPLACEMENTS} consecutive undecodable samples from "
+            f"{self.reader.shards.locate(sample_id)}; " + VERIFY_HINT.format(root=self.reader.shards.root)
+        )
+
+    def _views(self, image: torch.Tensor, sample_id: int, epoch: int) -> list[torch.Tensor]:
+        if not self.seeded:
+            return [t(image) for t in self.transforms]
+        with torch.random.fork_rng(devices=[]):  # never disturb the caller's RNG (num_workers=0)
+            torch.default_generator.manual_seed(sampling.sample_seed(self.seed, epoch, sample_id))  # CPU only
+            return [t(image) for t in self.transforms]
+
+
+class Collate:
+    """Samples -> (views [V x (B, 3, H, W)], labels (B,) | None, number of replaced samples)."""
+
+    def __init__(self, dtype: torch.dtype, memory_format: torch.memory_format) -> None:
+        self.dtype, self.memory_format = dtype, memory_format
+
+    def __call__(self, samples: list[tuple[list[torch.Tensor], int, int]]) -> tuple[Any, ...]:
+        views = [
+            torch.stack([s[0][v] for s in samples])
+            .to(self.dtype)
+            .contiguous(memory_format=self.memory_format)
+            for v in range(len(samples[0][0]))
+        ]
+        labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+        return views, (None if bool((labels < 0).any()) else labels), sum(s[2] for s in samples)
+
+
+def init_worker(_worker_id: int) -> None:
+    """`worker_init_fn` of the training DataLoaders."""
+    torch.set_num_threads(1)  # workers are the parallelism; intra-op threads would oversubscribe
+    # SLURM, Kubernetes and Ctrl-C signal the whole process group: only the trainer reacts (it saves a
+    # checkpoint, then shuts its workers down); a worker killed first would break that save.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
