@@ -1,4 +1,4 @@
-"""Real gloo process groups for the tests: `world` ranks on this machine, each running the same checks.
+"""Real gloo process groups for the tests: `world` CPU ranks on this machine, each running the same checks.
 
 The ranks fork from a server process that imported torch and the pipeline once (multiprocessing's
 forkserver), so a group costs a fork per rank rather than a fresh interpreter importing torch in each,
@@ -44,6 +44,7 @@ def _rank(
     os.environ.update(environ)
     os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU on a GPU machine too
     torch.set_num_threads(1)
     pd.init_from_env(timeout_s=60)
     completed = False

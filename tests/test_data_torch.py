@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -14,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from loader_presets import IDENTITY, PLAIN
 from PIL import Image
-from ports import free_port
+from ranks import run_ranks
 
 from data_prep.__main__ import main as data_prep_main
 from pipeline.config import ConfigError
@@ -99,29 +97,19 @@ def test_restored_loader_yields_bit_identical_batches(sample_val_shards, source)
     assert not torch.equal(reference[0].views[0], reference[10].views[0])  # epochs differ
 
 
-def _rank_worker(rank: int, world: int, port: int, shards: str, out: str) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        aug = AugmentConfig(**{**IDENTITY.__dict__, **PLAIN})
-        loader = build_loader(
-            _cfg(shards, batch_size=32, augment=aug), rank=dist.get_rank(), world_size=world
-        )
-        seen = [_digest(x) for batch in loader for x in batch.views[0]]
-        everyone: list = [None] * world
-        dist.all_gather_object(everyone, {"batches": len(loader), "seen": seen})
-        if rank == 0:
-            Path(out).write_text(json.dumps(everyone))
-    finally:
-        dist.destroy_process_group()
+def _rank_reads(rank: int, world: int, shards: str, out: str) -> None:
+    aug = AugmentConfig(**{**IDENTITY.__dict__, **PLAIN})
+    loader = build_loader(_cfg(shards, batch_size=32, augment=aug), rank=dist.get_rank(), world_size=world)
+    seen = [_digest(x) for batch in loader for x in batch.views[0]]
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, {"batches": len(loader), "seen": seen})
+    if rank == 0:
+        Path(out).write_text(json.dumps(everyone))
 
 
 def test_two_gloo_ranks_read_disjoint_parts_in_equal_steps(sample_val_shards, tmp_path):
     out = tmp_path / "ranks.json"
-    args = (2, free_port(), str(sample_val_shards), str(out))
-    # fork: the ranks inherit this process's imports instead of paying torch's import again each
-    mp.start_processes(_rank_worker, args=args, nprocs=2, join=True, start_method="fork")
+    run_ranks(_rank_reads, 2, str(sample_val_shards), str(out))
     ranks = json.loads(out.read_text())
     assert [r["batches"] for r in ranks] == [7, 7]  # 500 // (2 x 32) steps on each rank
     assert [len(r["seen"]) for r in ranks] == [224, 224]
