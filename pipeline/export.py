@@ -35,19 +35,13 @@ import torch
 from torch import nn
 
 from pipeline.engine.checkpoint import CheckpointError
+from pipeline.models.backbone import TIMM_VITS, TINY_BLOCKS, TINY_CHANNELS, TORCHVISION_RESNETS
 
 FORMATS = ("torchvision", "timm")
-TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-TIMM_NAMES = {
-    "vit_tiny": "vit_tiny_patch16_224",
-    "vit_small": "vit_small_patch16_224",
-    "vit_base": "vit_base_patch16_224",
-}
-# `tiny` (pipeline.models) is timm's ResNet class with one BasicBlock per stage at quarter width: it has
-# no registered timm name, so it is rebuilt from that class directly.
+# `tiny` has no registered timm name, so it is rebuilt from timm's ResNet class directly.
 TINY_TIMM = (
-    "timm.models.resnet.ResNet(timm.models.resnet.BasicBlock, (1, 1, 1, 1), channels=(16, 32, 64, 128), "
-    "stem_width=16, num_classes=0)"
+    f"timm.models.resnet.ResNet(timm.models.resnet.BasicBlock, {TINY_BLOCKS}, channels={TINY_CHANNELS}, "
+    "num_classes=0)"
 )
 
 
@@ -55,15 +49,15 @@ def rebuild_code(model_cfg: Any, fmt: str) -> str:
     """The Python lines (torch, torchvision, timm only) that build the stock model for `model_cfg`."""
     arch = model_cfg.backbone
     if fmt == "torchvision":
-        if arch not in TORCHVISION_ARCHS:
-            raise ValueError(f"--format torchvision supports {TORCHVISION_ARCHS}, not {arch!r}; use timm")
+        if arch not in TORCHVISION_RESNETS:
+            raise ValueError(f"--format torchvision supports {TORCHVISION_RESNETS}, not {arch!r}; use timm")
         code = f"m = torchvision.models.{arch}(); m.fc = torch.nn.Identity()"
     elif fmt == "timm":
         if arch == "tiny":
             code = f"m = {TINY_TIMM}"
-        elif arch in TIMM_NAMES:
+        elif arch in TIMM_VITS:
             size = f"img_size={model_cfg.image_size}, patch_size={model_cfg.patch_size}"
-            code = f"m = timm.create_model({TIMM_NAMES[arch]!r}, num_classes=0, {size})"
+            code = f"m = timm.create_model({TIMM_VITS[arch]!r}, num_classes=0, {size})"
         else:
             code = f"m = timm.create_model({arch!r}, num_classes=0)"
     else:
@@ -145,11 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    try:
+    try:  # a damaged newest step falls back to the previous one, with a warning
         state, meta = export_backbone(args.checkpoint, args.format)
-    except (
-        CheckpointError
-    ) as e:  # missing, or no intact step (a damaged newest one falls back, with a warning)
+    except CheckpointError as e:  # missing, or no intact step
         print(f"pipeline.export: {e}", file=sys.stderr)
         return 2
     torch.save(state, out)

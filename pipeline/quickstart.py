@@ -40,8 +40,7 @@ def pretrain(config: Path, train: Path, val: Path, run_dir: Path, overrides: lis
     cmd = [sys.executable, "-m", "pipeline.train", "--config", str(config)]
     cmd += [f"data.train_shards={train}", f"data.val_shards={val}", f"run.output_dir={run_dir}", *overrides]
     # Half the cores for intra-op threads, the rest for the loader's decode worker and for other work:
-    # oversubscribed OpenMP threads spin against each other and made a step 8x slower on a busy 2-core
-    # machine.
+    # oversubscribed OpenMP threads spin against each other and stall every step.
     env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2)), **os.environ}
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO, env=env)

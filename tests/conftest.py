@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-# Small models on a shared 2-core CPU: a second intra-op thread costs more than it gains (25x slower
-# seen under load). Set before torch is imported so spawned ranks and subprocesses inherit it too.
+# Small models on a shared CPU: a second intra-op thread costs more than it gains (when the cores are busy,
+# OpenMP threads spin waiting for each other). Set before torch is imported so spawned ranks and
+# subprocesses inherit it too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/s3.py is importable as `s3` from every test file

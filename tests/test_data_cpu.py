@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from loader_presets import IDENTITY
+from loader_presets import IDENTITY, take_batches
 
 from pipeline.data import DataConfig, build_eval_loader, build_loader
 from pipeline.data.shards import load_shard_set
@@ -66,29 +66,18 @@ def test_uneven_shards_give_every_rank_the_same_number_of_batches(sample_val_sha
     assert counts == [5, 5, 5]
 
 
-def _run(loader, epochs, stop_after=None):
-    out = []
-    for epoch in epochs:
-        loader.set_epoch(epoch)
-        for batch in loader:
-            out.append(batch)
-            if stop_after is not None and len(out) == stop_after:
-                return out
-    return out
-
-
 def test_restored_loader_yields_bit_identical_batches(sample_val_shards):
     cfg = _cfg(sample_val_shards, recipe="byol")  # 500 samples: 10 batches per epoch
-    reference = _run(build_loader(cfg, seed=7), range(2), stop_after=13)
+    reference = take_batches(build_loader(cfg, seed=7), range(2), stop_after=13)
 
     interrupted = build_loader(cfg, seed=7)
-    _run(interrupted, range(2), stop_after=7)
+    take_batches(interrupted, range(2), stop_after=7)
     state = json.loads(json.dumps(interrupted.state_dict()))  # what a checkpoint keeps
     assert (state["epoch"], state["batches_consumed"], state["samples_consumed"]) == (0, 7, 350)
 
     resumed = build_loader(_cfg(sample_val_shards, recipe="byol", num_workers=1), seed=7)
     resumed.load_state_dict(state)
-    got = _run(resumed, range(state["epoch"], 2), stop_after=6)  # worker count must not matter
+    got = take_batches(resumed, range(state["epoch"], 2), stop_after=6)  # worker count must not matter
     for ref, new in zip(reference[7:], got, strict=True):
         assert torch.equal(ref.labels, new.labels)
         assert all(torch.equal(a, b) for a, b in zip(ref.views, new.views, strict=True))

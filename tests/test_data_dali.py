@@ -3,7 +3,6 @@ torch) on one recipe: identical pixels with the random ops off, alike crop and c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from loader_presets import IDENTITY, PLAIN
+from loader_presets import IDENTITY, PLAIN, pixel_digest
 from PIL import Image
 
 from data_prep.__main__ import main as data_prep_main
@@ -27,11 +26,6 @@ REPO = Path(__file__).resolve().parent.parent
 def _cfg(shards, **kw) -> DataConfig:
     base = {"image_size": 32, "num_workers": 1, "batch_size": 50, "backend": "dali"}
     return DataConfig(train_shards=str(shards), **{**base, **kw})
-
-
-def _digest(image: torch.Tensor) -> str:
-    """Of the pixel values (views in [0, 1]); rounding absorbs float noise of the two normalisations."""
-    return hashlib.sha1((image * 255).round().to(torch.uint8).contiguous().numpy().tobytes()).hexdigest()
 
 
 @pytest.mark.parametrize("backend", ["dali", "cpu", "torch"])
@@ -63,18 +57,18 @@ def test_two_ranks_read_disjoint_halves_with_labels_and_match_the_cpu_decode(sam
     truth = {}
     for images, labels in build_eval_loader(str(sample_val_shards), image_size=32, batch_size=500, **PLAIN):
         solarised = torch.where(images >= 128 / 255 - 1e-6, 1.0 - images, images)
-        truth.update({_digest(x): int(y) for x, y in zip(solarised, labels, strict=True)})
+        truth.update({pixel_digest(x): int(y) for x, y in zip(solarised, labels, strict=True)})
     aug = AugmentConfig(**{**IDENTITY.__dict__, "solarize_p": (1.0,), **PLAIN})
     for backend in ("cpu", "torch"):
         batch = next(iter(build_loader(_cfg(sample_val_shards, augment=aug, backend=backend, num_workers=0))))
-        assert all(_digest(x) in truth for x in batch.views[0])
+        assert all(pixel_digest(x) in truth for x in batch.views[0])
     seen = []
     for rank in range(2):
         loader = build_loader(_cfg(sample_val_shards, augment=aug, batch_size=50), rank=rank, world_size=2)
         rank_seen = []
         for batch in loader:
             for image, label in zip(batch.views[0], batch.labels, strict=True):
-                key = _digest(image)
+                key = pixel_digest(image)
                 assert truth[key] == int(label)
                 rank_seen.append(key)
         seen.append(rank_seen)

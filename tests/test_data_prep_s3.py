@@ -33,7 +33,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 @pytest.fixture(scope="module")
 def s3_images(s3_server, sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """200 CIFAR val images (20 per class) in s3://raw-images/cifar/val, and the same as a local folder;
-    few, because moto takes ~5 ms a request."""
+    few, because every image is one request to the moto server."""
     local = tmp_path_factory.mktemp("s3_images") / "val"
     for folder in sorted((sample_dir / "val").iterdir()):
         (local / folder.name).mkdir(parents=True)

@@ -3,10 +3,8 @@ real gloo ranks, budget refusal, varied image sizes, damaged samples, and every 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -14,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from loader_presets import IDENTITY, PLAIN
+from loader_presets import IDENTITY, PLAIN, pixel_digest, take_batches
 from PIL import Image
-from ports import free_port
+from ranks import run_ranks
 
 from data_prep.__main__ import main as data_prep_main
 from pipeline.config import ConfigError
@@ -33,15 +30,10 @@ def _cfg(shards, **kw) -> DataConfig:
     return DataConfig(train_shards=str(shards), **{**base, **kw})
 
 
-def _digest(image: torch.Tensor) -> str:
-    """Of the pixel values (views in [0, 1]); rounding absorbs float noise of the two normalisations."""
-    return hashlib.sha1((image * 255).round().to(torch.uint8).contiguous().numpy().tobytes()).hexdigest()
-
-
 def _truth(shards) -> dict[str, int]:
     out = {}
     for images, labels in build_eval_loader(str(shards), image_size=32, batch_size=500, **PLAIN):
-        out.update({_digest(x): int(y) for x, y in zip(images, labels, strict=True)})
+        out.update({pixel_digest(x): int(y) for x, y in zip(images, labels, strict=True)})
     return out
 
 
@@ -56,9 +48,8 @@ def test_random_ops_off_give_the_decoded_images_with_their_labels(sample_val_sha
     truth = _truth(sample_val_shards)
     aug = AugmentConfig(**{**IDENTITY.__dict__, **PLAIN})
     loader = build_loader(_cfg(sample_val_shards, augment=aug, source=source))
-    seen = [
-        (_digest(x), int(y)) for batch in loader for x, y in zip(batch.views[1], batch.labels, strict=True)
-    ]
+    pairs = ((x, y) for batch in loader for x, y in zip(batch.views[1], batch.labels, strict=True))
+    seen = [(pixel_digest(x), int(y)) for x, y in pairs]
     assert len(seen) == 500 and all(truth[key] == label for key, label in seen)
     assert sorted(key for key, _ in seen) == sorted(truth)  # the whole split, once each
 
@@ -72,56 +63,35 @@ def test_resident_and_streamed_pixels_give_identical_batches(sample_val_shards):
     assert all(_same(a, b) for a, b in zip(batches["resident"], batches["stream"], strict=True))
 
 
-def _run(loader, epochs, stop_after):
-    out = []
-    for epoch in epochs:
-        loader.set_epoch(epoch)
-        for batch in loader:
-            out.append(batch)
-            if len(out) == stop_after:
-                return out
-    return out
-
-
 @pytest.mark.parametrize("source", ["resident", "stream"])
 def test_restored_loader_yields_bit_identical_batches(sample_val_shards, source):
     cfg = _cfg(sample_val_shards, recipe="byol", source=source)  # 10 batches per epoch
-    reference = _run(build_loader(cfg, seed=7), range(2), stop_after=13)
+    reference = take_batches(build_loader(cfg, seed=7), range(2), stop_after=13)
     interrupted = build_loader(cfg, seed=7)
-    _run(interrupted, range(2), stop_after=7)
+    take_batches(interrupted, range(2), stop_after=7)
     state = json.loads(json.dumps(interrupted.state_dict()))  # what a checkpoint keeps
     assert (state["epoch"], state["batches_consumed"], state["backend"]) == (0, 7, "torch")
     resumed = build_loader(cfg, seed=7)
     resumed.load_state_dict(state)
-    got = _run(resumed, range(state["epoch"], 2), stop_after=6)
+    got = take_batches(resumed, range(state["epoch"], 2), stop_after=6)
     assert all(_same(a, b) for a, b in zip(reference[7:], got, strict=True))
     assert (resumed.state_dict()["epoch"], resumed.state_dict()["batches_consumed"]) == (1, 3)
     assert not torch.equal(reference[0].views[0], reference[10].views[0])  # epochs differ
 
 
-def _rank_worker(rank: int, world: int, port: int, shards: str, out: str) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        aug = AugmentConfig(**{**IDENTITY.__dict__, **PLAIN})
-        loader = build_loader(
-            _cfg(shards, batch_size=32, augment=aug), rank=dist.get_rank(), world_size=world
-        )
-        seen = [_digest(x) for batch in loader for x in batch.views[0]]
-        everyone: list = [None] * world
-        dist.all_gather_object(everyone, {"batches": len(loader), "seen": seen})
-        if rank == 0:
-            Path(out).write_text(json.dumps(everyone))
-    finally:
-        dist.destroy_process_group()
+def _rank_reads(rank: int, world: int, shards: str, out: str) -> None:
+    aug = AugmentConfig(**{**IDENTITY.__dict__, **PLAIN})
+    loader = build_loader(_cfg(shards, batch_size=32, augment=aug), rank=dist.get_rank(), world_size=world)
+    seen = [pixel_digest(x) for batch in loader for x in batch.views[0]]
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, {"batches": len(loader), "seen": seen})
+    if rank == 0:
+        Path(out).write_text(json.dumps(everyone))
 
 
 def test_two_gloo_ranks_read_disjoint_parts_in_equal_steps(sample_val_shards, tmp_path):
     out = tmp_path / "ranks.json"
-    args = (2, free_port(), str(sample_val_shards), str(out))
-    # fork: the ranks inherit this process's imports instead of paying torch's import again each
-    mp.start_processes(_rank_worker, args=args, nprocs=2, join=True, start_method="fork")
+    run_ranks(_rank_reads, 2, str(sample_val_shards), str(out))
     ranks = json.loads(out.read_text())
     assert [r["batches"] for r in ranks] == [7, 7]  # 500 // (2 x 32) steps on each rank
     assert [len(r["seen"]) for r in ranks] == [224, 224]

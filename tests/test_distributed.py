@@ -1,21 +1,25 @@
-"""Cross-rank code against one process: real gloo groups of 2 and 4 ranks (torch.multiprocessing).
+"""Cross-rank code against one process: real gloo groups of 2 and 4 ranks (tests/ranks.py).
 
-Process start dominates on a small machine, so each group runs every distributed check in one go;
-a failing check raises in its rank and `spawn` re-raises it here with the traceback.
+Process start dominates on a small machine, so each group runs every distributed check in one go
+(gathered losses, DDP, shuffled BN); a failing check raises in its rank and `spawn` re-raises it here
+with the traceback.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from ports import free_port
+from ranks import run_ranks
+from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import distributed as pd
 from pipeline.losses import info_nce, mined_triplet, moco_info_nce, sinkhorn_knopp, supcon
+from pipeline.methods.config import MoCoV2Config
+from pipeline.methods.mocov2 import MoCoV2
+from pipeline.models import HeadConfig, ModelConfig
 
 TEMPERATURE = 0.1
 LOCAL_BATCH = 3
@@ -33,6 +37,8 @@ def _local(x: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def _check_env(r: int, world: int) -> None:
+    env = pd.init_from_env()  # the group the rank joined
+    assert (env.rank, env.local_rank, env.world_size, env.device.type) == (r, r, world, "cpu")
     assert pd.is_distributed() and pd.rank() == r and pd.world_size() == world
 
 
@@ -124,47 +130,107 @@ def _check_ddp_step(r: int, world: int) -> None:
             torch.testing.assert_close(got.grad, want.grad)
 
 
-def _check_shuffle_round_trip(r: int, world: int) -> None:
-    """Shuffled BN: the global batch is permuted across ranks consistently, and unshuffle undoes it."""
-    n = 4
-    ids = torch.arange(r * n, (r + 1) * n, dtype=torch.float64)[:, None].repeat(1, 2)  # (n, 2) global ids
-    shuffled, unshuffle = pd.shuffle_batch(ids, generator=torch.Generator().manual_seed(1))
-    seen = pd.all_gather_no_grad(shuffled)[:, 0]
-    assert sorted(seen.tolist()) == list(range(world * n)), "every sample lands on exactly one rank"
-    assert not torch.equal(seen, torch.arange(world * n, dtype=torch.float64)), "the batch was permuted"
-    moved = pd.all_reduce_mean((shuffled[:, 0] // n != r).sum().double())
-    assert moved > 0, "samples moved between ranks"
-    # The key encoder's output for the shuffled rows, here 10 * input, comes back in the original order.
-    torch.testing.assert_close(pd.unshuffle_batch(shuffled * 10, unshuffle), ids * 10)
+# Shuffled BN (MoCo, He et al., 2020, sec. 3.3): the shuffle must be a permutation of the group's batch
+# that moves every rank's block and undoes itself exactly, give the key encoder BN statistics of the
+# permuted blocks, and leave MoCo v2's loss and gradients those of one process over the global batch.
+SHUFFLE_ROWS = 2  # per rank: small, so that a draw keeping a rank's own rows is common and must be redrawn
 
 
-def _worker(r: int, world: int, port: int) -> None:
-    os.environ.update(
-        {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1"}
-    )
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    env = pd.init_from_env(timeout_s=60)
-    completed = False
-    try:
-        assert (env.rank, env.local_rank, env.world_size, env.device.type) == (r, r, world, "cpu")
-        _check_env(r, world)
-        _check_gather_with_grad(r, world)
-        _check_info_nce(r, world, torch.float64, tol=1e-10)
-        _check_info_nce(r, world, torch.float32, tol=1e-5)
-        _check_other_gathered_losses(r, world)
-        if world == 2:  # DDP's first construction imports torch._dynamo: seconds per rank on a small machine
-            _check_ddp_step(r, world)
-        _check_shuffle_round_trip(r, world)
-        completed = True
-    finally:
-        pd.leave_process_group(completed=completed)
-    pd.exit_rank(0)  # every check passed
+def _global_ids(r: int) -> torch.Tensor:
+    """(SHUFFLE_ROWS, 3) rows whose every entry is the row's global index, so routing mistakes show."""
+    b = SHUFFLE_ROWS
+    return torch.arange(r * b, (r + 1) * b, dtype=torch.float64)[:, None].repeat(1, 3)
+
+
+def _check_shuffle(r: int, world: int, group_size: int | None) -> None:
+    ranks, b = group_size or world, SHUFFLE_ROWS
+    first = r // ranks * ranks * b  # global index of the group's first row
+    for seed in range(12):
+        ids = _global_ids(r)
+        shuffled, unshuffle = pd.shuffle_batch(ids, torch.Generator().manual_seed(seed), group_size)
+        perm = torch.argsort(unshuffle)  # position -> group row, what shuffle_batch drew
+        assert sorted(perm.tolist()) == list(range(ranks * b)), "a permutation of the group's rows"
+        want = (perm[(r % ranks) * b : (r % ranks + 1) * b] + first).double()
+        torch.testing.assert_close(shuffled, want[:, None].repeat(1, 3), rtol=0, atol=0)
+        assert set(shuffled[:, 0].tolist()) != set(ids[:, 0].tolist()), "no rank keeps its own block"
+        seen = pd.all_gather_no_grad(shuffled)[:, 0]
+        assert sorted(seen.tolist()) == list(range(world * b)), "every row lands on exactly one rank"
+        torch.testing.assert_close(pd.unshuffle_batch(shuffled * 10, unshuffle), ids * 10, rtol=0, atol=0)
+
+
+def _check_shuffled_bn_statistics(r: int, world: int) -> None:
+    """Keys through a train-mode BN equal one process's BN over each permuted block, un-permuted."""
+    g = torch.Generator().manual_seed(7)
+    x_all = torch.randn(world * 4, 5, 3, 3, generator=g, dtype=torch.float64)
+    bn = torch.nn.BatchNorm2d(5).double()
+    x = x_all[r * 4 : (r + 1) * 4].contiguous(memory_format=torch.channels_last)
+    shuffled, unshuffle = pd.shuffle_batch(x, torch.Generator().manual_seed(3))
+    assert shuffled.is_contiguous(memory_format=torch.channels_last)
+    keys = pd.unshuffle_batch(bn(shuffled), unshuffle)
+    perm = torch.argsort(unshuffle)
+    blocks = x_all[perm].view(world, 4, 5, 3, 3)
+    want = torch.cat([bn(block) for block in blocks])[unshuffle][r * 4 : (r + 1) * 4]
+    torch.testing.assert_close(keys, want)
+
+
+# LayerNorm only: a key does not depend on its BN batch, so shuffled keys must equal unshuffled ones
+# and the loss one process's exactly when every key comes back to its own query.
+VIT = ModelConfig(
+    backbone="vit_tiny",
+    image_size=16,
+    patch_size=8,
+    projector=HeadConfig(hidden_dim=32, output_dim=16, num_layers=2, batch_norm=False),
+)
+MOCO = MoCoV2Config(queue_size=64, symmetric=True)  # the second direction meets the first's keys
+
+
+def _mocov2_one_process(world: int) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """One process's loss and gradients over the global batch, computed in the test's process (no group),
+    so the queue is filled from this batch's keys alone (as on one GPU)."""
+    g = torch.Generator().manual_seed(1)
+    views = [torch.randn(world * 4, 3, 16, 16, generator=g) for _ in range(2)]
+    torch.manual_seed(0)
+    reference = MoCoV2(VIT, dataclasses.replace(MOCO, shuffle_bn=False))
+    loss, _ = reference(views, None)
+    loss.backward()
+    return views, loss.detach(), {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+
+
+def _check_mocov2_matches_one_process(
+    r: int, views: list[torch.Tensor], ref_loss: torch.Tensor, ref_grads: dict[str, torch.Tensor]
+) -> None:
+    torch.manual_seed(0)
+    method = MoCoV2(VIT, MOCO)
+    part = slice(r * 4, (r + 1) * 4)
+    ddp = DistributedDataParallel(method)  # kept alive: its reducer all-reduces in backward
+    loss, _ = ddp([v[part] for v in views], None)
+    loss.backward()
+    torch.testing.assert_close(pd.all_reduce_mean(loss), ref_loss, atol=1e-5, rtol=1e-5)
+    for name, p in method.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _checks(r: int, world: int, moco_reference: tuple | None) -> None:
+    _check_env(r, world)
+    _check_gather_with_grad(r, world)
+    _check_info_nce(r, world, torch.float64, tol=1e-10)
+    _check_info_nce(r, world, torch.float32, tol=1e-5)
+    _check_other_gathered_losses(r, world)
+    _check_shuffle(r, world, None)
+    _check_shuffled_bn_statistics(r, world)
+    if world == 2:  # DDP: one group is enough
+        _check_ddp_step(r, world)
+        _check_mocov2_matches_one_process(r, *moco_reference)
+    else:
+        _check_shuffle(r, world, 2)  # within {0, 1} and {2, 3}: no row crosses to the other pair
+        with pytest.raises(ValueError, match=r"method\.shuffle_group_size=3"):
+            pd.shuffle_batch(_global_ids(r), group_size=3)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_distributed_paths_match_one_process(world: int) -> None:
-    mp.spawn(_worker, args=(world, free_port()), nprocs=world, join=True)
+    run_ranks(_checks, world, _mocov2_one_process(world) if world == 2 else None)
 
 
 def test_without_a_process_group_everything_is_a_world_of_one(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -78,7 +78,7 @@ def test_export_round_trip_gives_identical_features(run_dir, tmp_path):
     import timm
 
     stock = timm.models.resnet.ResNet(
-        timm.models.resnet.BasicBlock, (1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16, num_classes=0
+        timm.models.resnet.BasicBlock, (1, 1, 1, 1), channels=(16, 32, 64, 128), num_classes=0
     )
     stock.conv1 = torch.nn.Conv2d(3, stock.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
     stock.maxpool = torch.nn.Identity()

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from bench.gpu import forward_dtypes
 from bench.gpu import main as bench_gpu
@@ -148,27 +147,21 @@ def test_docker_image_can_compile() -> None:
     assert "build-essential" in packages and "python3-dev" in packages
 
 
-def _eval_rank(rank: int, world: int, port: int, cfg, out: str) -> None:
+def _eval_rank(rank: int, world: int, cfg, out: str) -> None:
     from pipeline.engine.online_eval import evaluate
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        result = evaluate(
-            cfg, build_method(cfg), torch.device("cpu"), Path(out), 0, rank=rank, world_size=world
-        )
-        if rank == 0:
-            Path(out, "result.json").write_text(json.dumps(result))
-        else:
-            assert result == {}
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    result = evaluate(cfg, build_method(cfg), torch.device("cpu"), Path(out), 0, rank=rank, world_size=world)
+    if rank == 0:
+        Path(out, "result.json").write_text(json.dumps(result))
+    else:
+        assert result == {}
 
 
 def test_online_eval_on_two_ranks_equals_one_process(sample_val_shards: Path, tmp_path: Path) -> None:
     """2 gloo ranks each extract half of the bank and the queries; gathered in sample order, kNN top-1
     and embedding std equal one process's over the same data."""
-    from ports import free_port
+    from ranks import run_ranks
 
     from pipeline.engine.online_eval import evaluate
 
@@ -177,9 +170,7 @@ def test_online_eval_on_two_ranks_equals_one_process(sample_val_shards: Path, tm
     cfg = load(DEBUG, [*paths, "eval.k=10", "eval.embed_map=false", "data.batch_size=64"])
     torch.manual_seed(0)
     one = evaluate(cfg, build_method(cfg), torch.device("cpu"), tmp_path, 0)
-    mp.start_processes(
-        _eval_rank, args=(2, free_port(), cfg, str(tmp_path)), nprocs=2, join=True, start_method="fork"
-    )
+    run_ranks(_eval_rank, 2, cfg, str(tmp_path))
     two = json.loads((tmp_path / "result.json").read_text())
     assert two["knn_top1"] == one["knn_top1"]
     assert two["embed_std"] == pytest.approx(one["embed_std"], rel=1e-5)

@@ -24,6 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from ports import free_port
+from runs import checkpoint_step, step_rows, world_size_of
 
 from launch.k8s.__main__ import main as k8s_main
 
@@ -330,15 +331,9 @@ def _process_tree(root: int) -> list[int]:
 def _step_losses(out: Path) -> dict[int, list[float]]:
     """Every loss logged for each step: a step redone after a resume is logged again."""
     losses: dict[int, list[float]] = {}
-    for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
-        if "loss" in row:
-            losses.setdefault(row["step"], []).append(row["loss"])
+    for row in step_rows(out):
+        losses.setdefault(row["step"], []).append(row["loss"])
     return losses
-
-
-def _checkpoint_step(out: Path) -> int:
-    latest = out / "checkpoints" / "latest"
-    return int(latest.read_text().strip().removeprefix("step-")) if latest.is_file() else -1
 
 
 def _wait_until(predicate: Any, pods: LocalPods, timeout: float = 180) -> None:
@@ -370,9 +365,8 @@ def uninterrupted_run(sample_shards: Path, tmp_path_factory: pytest.TempPathFact
 def test_rendered_indexed_job_trains_on_two_local_pods(uninterrupted_run: tuple[Path, str]) -> None:
     out, log = uninterrupted_run
     assert "--nnodes=2 --rdzv-backend=c10d" in log and "is_host=true" in log
-    row = next(r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r)
-    assert round(row["images_per_s"] / row["images_per_s_per_gpu"]) == 2  # both pods trained together
-    assert _checkpoint_step(out) == STEPS
+    assert world_size_of(out) == 2  # both pods trained together
+    assert checkpoint_step(out) == STEPS
     assert "resumed from" not in log and "launch/torchrun.sh restart" not in log
 
 
@@ -391,13 +385,13 @@ def test_indexed_job_heals_after_a_drain_then_losing_the_rendezvous_host(
     try:
         pods.start(0)
         pods.start(1)
-        _wait_until(lambda: _checkpoint_step(out) >= 2, pods)
+        _wait_until(lambda: checkpoint_step(out) >= 2, pods)
         pods.pods[1].send_signal(signal.SIGTERM)
         assert pods.pods[1].wait(timeout=120) == 143, pods.output()[-6000:]
-        drained_at = _checkpoint_step(out)
+        drained_at = checkpoint_step(out)
         pods.start(1)
         _wait_until(lambda: pods.output().count("resumed from") == 1, pods)
-        _wait_until(lambda: _checkpoint_step(out) > drained_at, pods)
+        _wait_until(lambda: checkpoint_step(out) > drained_at, pods)
         pods.kill(0)
         pods.start(0)
         codes = pods.wait(timeout=240)
@@ -418,4 +412,4 @@ def test_indexed_job_heals_after_a_drain_then_losing_the_rendezvous_host(
     for step, losses in got.items():
         for loss in losses:
             assert abs(loss - expected[step][0]) <= 1e-5, (step, losses, expected[step])
-    assert _checkpoint_step(out) == STEPS
+    assert checkpoint_step(out) == STEPS

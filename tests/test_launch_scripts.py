@@ -8,7 +8,6 @@ task per "node" on this machine, so the batch script's rendezvous, SIGTERM and r
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shlex
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from ports import free_port
+from runs import checkpoint_step, world_size_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
@@ -40,12 +40,6 @@ def _train_args(shards: Path, out: Path, *extra: str) -> list[str]:
         "--config", "configs/debug.yaml", f"data.train_shards={shards}", f"run.output_dir={out}",
         "logging.progress_bar=false", *extra,
     ]  # fmt: skip
-
-
-def world_size_of(out: Path) -> int:
-    """The run's world size, from its throughput columns (global / per-process)."""
-    row = next(r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r)
-    return round(row["images_per_s"] / row["images_per_s_per_gpu"])
 
 
 def _dry_run(**env: str) -> subprocess.CompletedProcess:
@@ -121,13 +115,13 @@ def test_entrypoint_runs_other_commands_as_given() -> None:
 def test_torchrun_sh_trains_with_two_processes(sample_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = subprocess.run(
-        [str(TORCHRUN_SH), *_train_args(sample_shards, out, "train.max_steps=2")],
+        [str(TORCHRUN_SH), *_train_args(sample_shards, out, "train.max_steps=1")],
         cwd=ROOT, env=_env(NPROC_PER_NODE="2"), capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     assert "--nproc-per-node=2 --standalone" in proc.stderr
     assert world_size_of(out) == 2
-    assert (out / "checkpoints" / "latest").is_file()
+    assert checkpoint_step(out) == 1
 
 
 def test_restarts_are_budgeted_and_backed_off(tmp_path: Path) -> None:
@@ -239,8 +233,8 @@ def test_slurm_batch_requeues_when_a_launcher_gives_up(tmp_path: Path, restart_c
 def test_slurm_batch_checkpoints_and_requeues_on_sigterm(sample_shards: Path, tmp_path: Path) -> None:
     stubs, env = _slurm_env(tmp_path)
     out = tmp_path / "run"
-    # long enough to be interrupted: SIGTERM goes in once the first checkpoint exists
-    args = _train_args(sample_shards, out, "train.max_steps=200", "checkpoint.every_steps=2")
+    # long enough to be interrupted: SIGTERM goes in once the first checkpoint (step 1) exists
+    args = _train_args(sample_shards, out, "train.max_steps=200", "checkpoint.every_steps=1")
     batch = subprocess.Popen(
         ["bash", str(ROOT / "launch" / "slurm.sbatch"), *args],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -248,7 +242,7 @@ def test_slurm_batch_checkpoints_and_requeues_on_sigterm(sample_shards: Path, tm
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 180
-        while not (out / "checkpoints" / "latest").is_file():
+        while checkpoint_step(out) < 1:
             assert batch.poll() is None, batch.communicate()[0][-5000:]
             assert time.monotonic() < deadline, "no checkpoint within 180 s"
             time.sleep(0.5)
@@ -262,5 +256,4 @@ def test_slurm_batch_checkpoints_and_requeues_on_sigterm(sample_shards: Path, tm
     assert (stubs / "requeued").read_text() == "requeue 4242\n"
     assert world_size_of(out) == 2
     assert "stopped by SIGTERM" in log
-    latest = (out / "checkpoints" / "latest").read_text().strip()
-    assert int(latest.removeprefix("step-")) < 200
+    assert 1 <= checkpoint_step(out) < 200

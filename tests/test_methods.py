@@ -4,25 +4,17 @@ distributed paths (2 gloo processes) against one process."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from ports import free_port
+from ranks import run_ranks
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import ConfigError
-from pipeline.distributed import (
-    all_gather_no_grad,
-    all_reduce_mean,
-    exit_rank,
-    init_from_env,
-    leave_process_group,
-)
+from pipeline.distributed import all_gather_no_grad, all_reduce_mean
 from pipeline.losses import info_nce, supcon
 from pipeline.methods import METHOD_CONFIGS, METHODS, build_method
 from pipeline.methods.config import MoCoV2Config, SimCLRConfig
@@ -210,6 +202,8 @@ def test_method_config_errors_name_the_key() -> None:
         SimCLRConfig(temperature=0.0)
     with pytest.raises(ConfigError, match=r"method\.queue_size"):
         MoCoV2Config(queue_size=0)
+    with pytest.raises(ConfigError, match=r"method\.shuffle_group_size"):
+        MoCoV2Config(shuffle_group_size=1)
     with pytest.raises(ConfigError, match=r"method\.momentum_end"):
         METHOD_CONFIGS["byol"](momentum_end=1.5)
 
@@ -358,26 +352,14 @@ def _check_moco_queue(r: int) -> None:
         assert int(moco.queue_ptr) == 0
 
 
-def _worker(r: int, port: int) -> None:
-    os.environ.update(
-        {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1"}
-    )
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    init_from_env(timeout_s=60)
-    completed = False
-    try:
-        for name in sorted(METHODS):  # every registered method, so a new one cannot escape
-            for local_crops in (0, 2):
-                _check_ddp_step(r, name, local_crops)
-        _check_ddp_step(r, "mocov3", 0, negatives="hard", beta=0.5)
-        _check_moco_queue(r)
-        _check_swav_queue(r)
-        completed = True
-    finally:
-        leave_process_group(completed=completed)
-    exit_rank(0)  # every check passed
+def _checks(r: int, world: int) -> None:
+    for name in sorted(METHODS):  # every registered method, so a new one cannot escape
+        for local_crops in (0, 2):
+            _check_ddp_step(r, name, local_crops)
+    _check_ddp_step(r, "mocov3", 0, negatives="hard", beta=0.5)
+    _check_moco_queue(r)
+    _check_swav_queue(r)
 
 
 def test_distributed_method_steps_and_moco_queue_match_one_process() -> None:
-    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)
+    run_ranks(_checks, WORLD)

@@ -2,10 +2,11 @@
 CIFAR-10 sample must beat their own random initialisation on kNN;
 `python tests/test_methods_knn.py RUN [EPOCHS [SEED]]` measures every method.
 
-The sample is decoded once with ImageFolder + transforms.v2 (another module builds the real loader);
-the two views are drawn with batched tensor augmentation (crops through roi_align, flips, colour jitter,
-grayscale) so the test fits in well under a minute on a 2-core CPU. The tiny ResNet without the CIFAR
-stem takes 32 px input to 8x8 maps at layer1: 2-8 s per epoch here, depending on the machine's load.
+The sample is decoded once per module with ImageFolder + transforms.v2 (another module builds the real
+loader), and every method starts from the same random backbone for a seed, so the kNN at initialisation
+is measured once. The two views are drawn with batched tensor augmentation (crops through roi_align,
+flips, colour jitter, grayscale), and the tiny ResNet without the CIFAR stem takes 32 px input to 8x8 maps
+at layer1, so an epoch is cheap on a CPU.
 Measured while writing (4 epochs, seeds 0/1/2): kNN top-1 0.196/0.168/0.178 at init -> 0.266/0.234/0.228
 (SimCLR); hard negatives 0.270/0.234/0.248, triplet 0.248/0.286/0.214 (README).
 """
@@ -14,20 +15,23 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 import torchvision
+from torch import nn
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 from pipeline.eval.knn import knn_accuracy
 from pipeline.methods import METHODS
 from pipeline.methods.config import DINOConfig, SimCLRConfig, SwAVConfig, TripletConfig
-from pipeline.models import HeadConfig, ModelConfig
+from pipeline.models import HeadConfig, ModelConfig, build_backbone
 from pipeline.optim import OptimConfig, build_optimizer, build_schedule
 
 EPOCHS, BATCH = 4, 128
+MODEL = ModelConfig(backbone="tiny", projector=HeadConfig(hidden_dim=128, output_dim=64))
 RUNS = {  # each method at its paper's loss settings, heads sized for the tiny backbone
     "simclr": SimCLRConfig(temperature=0.2),
     "simclr_debiased": SimCLRConfig(temperature=0.2, negatives="debiased", tau_plus=0.1),
@@ -54,8 +58,20 @@ LR = {"triplet": 4.0}
 CI_RUNS = ("simclr", "simclr_debiased", "simclr_hard_negatives", "triplet")
 
 
+class Sample(NamedTuple):
+    """The decoded sample: (N, 3, 32, 32) normalised float images and (N,) labels per split."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+
+    @classmethod
+    def load(cls, sample_dir: Path) -> Sample:
+        return cls(*_load(sample_dir / "train"), *_load(sample_dir / "val"))
+
+
 def _load(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, 3, 32, 32) normalised float images, (N,) labels."""
     transform = v2.Compose(
         [
             v2.PILToTensor(),
@@ -92,35 +108,39 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.where(to_gray, out.mean(1, keepdim=True).expand_as(out), out)
 
 
-def short_run(sample_dir: Path, run: str, epochs: int = EPOCHS, seed: int = 0) -> tuple[float, float]:
-    """kNN top-1 of the backbone at random init and after `epochs` epochs of method `run`; `seed` draws
-    the initial weights, the batch order and the views."""
-    x_train, y_train = _load(sample_dir / "train")
-    x_val, y_val = _load(sample_dir / "val")
+def random_backbone(seed: int) -> nn.Module:
+    """The backbone every method starts from under `seed` (each builds its backbone first)."""
     torch.manual_seed(seed)
-    model = ModelConfig(backbone="tiny", projector=HeadConfig(hidden_dim=128, output_dim=64))
+    return build_backbone(MODEL)[0]
+
+
+@torch.no_grad()
+def knn_top1(backbone: nn.Module, sample: Sample) -> float:
+    backbone.eval()
+    bank, queries = backbone(sample.x_train), backbone(sample.x_val)
+    return knn_accuracy(bank, sample.y_train, queries, sample.y_val, num_classes=10, k=20)["top1"]
+
+
+def short_run(sample: Sample, run: str, epochs: int = EPOCHS, seed: int = 0) -> nn.Module:
+    """The backbone after `epochs` epochs of method `run` from random_backbone(seed); `seed` also draws
+    the batch order and the views."""
+    start = random_backbone(seed).state_dict()
+    torch.manual_seed(seed)
     cfg = RUNS[run]
-    method = METHODS[cfg.name](model, cfg)
-
-    @torch.no_grad()
-    def knn_top1() -> float:
-        method.eval()
-        bank, queries = method.embed(x_train), method.embed(x_val)
-        method.train()
-        return knn_accuracy(bank, y_train, queries, y_val, num_classes=10, k=20)["top1"]
-
-    before = knn_top1()
+    method = METHODS[cfg.name](MODEL, cfg)
+    same_start = all(torch.equal(v, start[k]) for k, v in method.backbone.state_dict().items())
+    assert same_start, f"{run} does not start from random_backbone({seed}): its kNN at init differs"
     optim = OptimConfig(name="sgd", lr=LR.get(run, 0.5), reference_batch_size=256, weight_decay=5e-4)
     optimizer = build_optimizer(optim, method, BATCH)
-    steps_per_epoch = len(x_train) // BATCH
+    steps_per_epoch = len(sample.x_train) // BATCH
     total_steps = epochs * steps_per_epoch
     schedule = build_schedule(optim, total_steps, steps_per_epoch, BATCH)
     g = torch.Generator().manual_seed(seed)
     step = 0
     for _ in range(epochs):
-        order = torch.randperm(len(x_train), generator=g)
+        order = torch.randperm(len(sample.x_train), generator=g)
         for i in range(steps_per_epoch):
-            x = x_train[order[i * BATCH : (i + 1) * BATCH]]
+            x = sample.x_train[order[i * BATCH : (i + 1) * BATCH]]
             schedule.apply(optimizer, step)
             loss, _ = method([_augment(x, g), _augment(x, g)], None)
             optimizer.zero_grad(set_to_none=True)
@@ -129,14 +149,26 @@ def short_run(sample_dir: Path, run: str, epochs: int = EPOCHS, seed: int = 0) -
             optimizer.step()
             method.after_optimizer_step(step, total_steps)
             step += 1
-    return before, knn_top1()
+    return method.backbone
+
+
+@pytest.fixture(scope="module")
+def sample(sample_dir: Path) -> Sample:
+    return Sample.load(sample_dir)
+
+
+@pytest.fixture(scope="module")
+def knn_at_init(sample: Sample) -> float:
+    return knn_top1(random_backbone(0), sample)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", CI_RUNS)
-def test_short_run_improves_knn_over_random_init(sample_dir: Path, run: str) -> None:
-    before, after = short_run(sample_dir, run)
-    assert after >= before + 0.03, f"{run}: kNN top-1 {before:.3f} at init, {after:.3f} after {EPOCHS} epochs"
+def test_short_run_improves_knn_over_random_init(sample: Sample, knn_at_init: float, run: str) -> None:
+    after = knn_top1(short_run(sample, run), sample)
+    assert after >= knn_at_init + 0.03, (
+        f"{run}: kNN top-1 {knn_at_init:.3f} at init, {after:.3f} after {EPOCHS} epochs"
+    )
 
 
 if __name__ == "__main__":  # python tests/test_methods_knn.py RUN [EPOCHS [SEED]]: the README's figures
@@ -144,5 +176,9 @@ if __name__ == "__main__":  # python tests/test_methods_knn.py RUN [EPOCHS [SEED
 
     name, epochs = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else EPOCHS
     seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
-    before, after = short_run(Path(__file__).parents[1] / "sample_data" / "cifar10_mini", name, epochs, seed)
+    sample = Sample.load(Path(__file__).parents[1] / "sample_data" / "cifar10_mini")
+    before, after = (
+        knn_top1(random_backbone(seed), sample),
+        knn_top1(short_run(sample, name, epochs, seed), sample),
+    )
     print(f"{name}, seed {seed}: kNN top-1 {before:.3f} at random init, {after:.3f} after {epochs} epochs")

@@ -40,6 +40,16 @@ def test_cifar_stem_keeps_resolution_into_layer1() -> None:
     assert model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x))))).shape[-1] == 32
 
 
+@pytest.mark.parametrize(("cifar_stem", "parameters"), [(False, 324_576), (True, 316_896)])
+def test_tiny_is_the_architecture_its_checkpoints_and_figures_describe(
+    cifar_stem: bool, parameters: int
+) -> None:
+    """timm's default stem: a 64-channel conv that layer1's shortcut projects to the 16-channel stage."""
+    model, _ = build_backbone(ModelConfig(backbone="tiny", cifar_stem=cifar_stem))
+    assert model.conv1.out_channels == 64 and model.layer1[0].downsample[0].in_channels == 64
+    assert sum(p.numel() for p in model.parameters()) == parameters
+
+
 def test_resnet_state_dict_loads_into_stock_torchvision_model() -> None:
     model, _ = build_backbone(ModelConfig(backbone="resnet18"))
     stock = torchvision.models.resnet18()

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_train import ROOT, _env, _overrides, _rows, _tiny, _train_cmd, _train_here, _wait_for
+from runs import step_rows
+from test_train import ROOT, _env, _overrides, _tiny, _train_cmd, _train_here, _wait_for
 
 NO_WANDB = "logging.wandb.mode=disabled"
 
@@ -62,7 +63,7 @@ def test_batch_size_halved_on_resume_continues_from_the_samples_consumed(
     assert _train_here([*common, "train.max_steps=null", "data.batch_size=8", "optim.lr=0.1"]) == 0
     stdout = capsys.readouterr().out
     assert "resume: data.batch_size: 16 -> 8" in stdout and "resume: optim.lr: 0.05 -> 0.1" in stdout
-    rows = [r for r in _rows(out) if "loss" in r]
+    rows = step_rows(out)
     assert [r["step"] for r in rows] == list(range(1, 9)) and {r["epoch"] for r in rows} == {0}
     peak = 0.1 * 8 / 256  # linear scaling from reference_batch_size 256
     assert math.isclose(rows[4]["lr"], peak * 0.5 * (1 + math.cos(math.pi * 8 / 12)), rel_tol=1e-9)
@@ -115,7 +116,7 @@ def test_checkpoint_from_an_older_config_schema_resumes(
     stdout = capsys.readouterr().out
     assert "resumed from" in stdout and "resume: train.retired_key: no longer a config key, ignored" in stdout
     assert "optim.eps" not in stdout and "chunk_size" not in stdout  # defaults: nothing changed
-    assert [r["step"] for r in _rows(out) if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in step_rows(out)] == [1, 2, 3, 4]
 
 
 def test_shard_deleted_between_epochs_stops_in_one_line_and_resumes_once_back(
@@ -139,7 +140,7 @@ def test_shard_deleted_between_epochs_stops_in_one_line_and_resumes_once_back(
     assert (out / "checkpoints" / "step-00000006" / "state.pt").exists()
     kept.rename(gone)
     assert _train_here([*common, "train.epochs=2"]) == 0
-    assert [r["step"] for r in _rows(out) if "loss" in r][-1] == 12
+    assert [r["step"] for r in step_rows(out)][-1] == 12
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact(
@@ -169,7 +170,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact(
         "using step-00000002 instead" in captured.err
         and f"resumed from {ckpts}/step-00000002" in captured.out
     )
-    assert [r["step"] for r in _rows(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]  # steps 3, 4 redone
+    assert [r["step"] for r in step_rows(out)] == [1, 2, 3, 4, 5, 6]  # steps 3, 4 redone
 
     for step_dir in ckpts.glob("step-*"):
         (step_dir / "state.pt").write_bytes(b"PK\x03\x04 truncated")
@@ -239,7 +240,7 @@ def test_second_training_into_the_same_run_folder_is_refused_until_the_first_die
         first.send_signal(signal.SIGKILL)
         first.wait()
     # The kernel dropped the dead holder's lock: the next run resumes without any cleaning up.
-    steps = [r["step"] for r in _rows(out) if "loss" in r]
+    steps = [r["step"] for r in step_rows(out)]
     assert _train_here([*common, f"train.max_steps={max(steps) + 1}"]) == 0
     assert f"resumed from {out}/checkpoints/step-" in capsys.readouterr().out
 
@@ -274,7 +275,7 @@ def test_wandb_online_with_a_bad_key_and_no_network_fails_fast(
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: logging.wandb.mode=online: W&B did not start") and "offline" in last
     assert "Traceback" not in proc.stderr
-    assert not [r for r in _rows(out) if "loss" in r]  # before the first step
+    assert not step_rows(out)  # before the first step
 
 
 def test_eval_and_export_refuse_an_unwritable_out_before_any_work(tmp_path: Path, capsys):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import metrics_rows, step_rows
 
 from pipeline.engine.checkpoint import load_for_eval
 
@@ -72,13 +73,9 @@ def _train_here(overrides: list[str]) -> int:
         torch.use_deterministic_algorithms(False)  # run.deterministic=true must not leak into other tests
 
 
-def _rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def _step_losses(out: Path) -> dict[int, float]:
     """Per-step loss; a step logged twice (killed after logging, before its checkpoint) keeps the last."""
-    return {r["step"]: r["loss"] for r in _rows(out) if "loss" in r}
+    return {r["step"]: r["loss"] for r in step_rows(out)}
 
 
 def _wandb_history(out: Path) -> list[dict]:
@@ -157,7 +154,7 @@ def test_ddp_simclr_two_ranks_epochs_checkpoint_resume_wandb(
     first_id = state["wandb_run_id"]
 
     _run(common, nproc=2)  # resumes from step 4, finishes epoch 1
-    rows = _rows(out)
+    rows = metrics_rows(out)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     last = [r for r in rows if "loss" in r][-1]
     for key in ("loss", "lr", "weight_decay", "momentum", "grad_norm", "images_per_s", "images_per_s_per_gpu",
@@ -203,7 +200,7 @@ def test_deepspeed_mocov2_two_ranks_s3_checkpoint_resume(
     proc = _run([*common, "train.max_steps=3", "checkpoint.every_steps=2"], nproc=2, env=env)
     fs.invalidate_cache()
     assert "resumed from s3://train-ckpt/mocov2/checkpoints/step-00000002" in proc.stdout
-    rows = [r for r in _rows(out) if "loss" in r]
+    rows = step_rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["grad_norm"] > 0 and r["loss"] == r["loss"] for r in rows)  # ZeRO reports the global norm
     assert fs.cat(f"{url}/latest").decode().strip() == "step-00000003"
@@ -264,7 +261,7 @@ def test_sigterm_saves_and_exits_zero(sample_shards: Path, sample_val_shards: Pa
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
-    step = max(r["step"] for r in _rows(out))
+    step = max(r["step"] for r in metrics_rows(out))
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{step:08d}"
     assert f"stopped by SIGTERM after step {step}" in stdout
 
@@ -279,7 +276,7 @@ def test_nan_losses_stop_the_run_and_keep_the_last_checkpoint(
     assert _train_here(_overrides(sample_shards, sample_val_shards, out, *extra)) == 1
     err = capsys.readouterr().err
     assert "loss was NaN/Inf for 2 steps in a row" in err
-    rows = [r for r in _rows(out) if "loss" in r]
+    rows = step_rows(out)
     assert rows[-1]["bad_steps"] == 2 and rows[-1]["loss"] is None  # NaN is written as null: strict JSON
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step-{rows[-3]['step']:08d}"  # the last step with a finite loss

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import metrics_rows
 
 from pipeline.engine.checkpoint import load_for_eval
 
@@ -42,7 +43,7 @@ def _argv(name: str, backend: str, shards: Path, out: Path, *extra: str) -> list
 
 
 def _check_run(name: str, out: Path) -> None:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(out)
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses), (name, rows)
     cfg, model = load_for_eval(str(out / "checkpoints"))

@@ -41,7 +41,8 @@ def train_linear(
 ) -> nn.Linear:
     """SGD (momentum 0.9, cosine lr) on cross-entropy; features are (N, D), already standardised."""
     if features.device.type == "cpu":
-        # Each step is a tiny matmul: on a busy CPU intra-op threads cost far more than they gain (25x).
+        # Each step is a tiny matmul: on a busy CPU, intra-op threads spend more time waiting for each other
+        # than they save.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

@@ -2,7 +2,8 @@
 
 ResNets are the stock torchvision modules with `fc = Identity`, so their state_dict keys are exactly
 torchvision's (export needs no renaming); ViTs are stock timm modules with `num_classes=0`. Weights are
-always freshly initialised: nothing is downloaded.
+always freshly initialised: nothing is downloaded. The tables below are the one record of which stock
+model each backbone is, so `pipeline.export` writes its rebuild recipes from them.
 """
 
 from __future__ import annotations
@@ -15,11 +16,18 @@ from torch import nn
 
 from pipeline.models.config import RESNETS, ModelConfig
 
+TORCHVISION_RESNETS = tuple(name for name in RESNETS if name != "tiny")
 TIMM_VITS = {
     "vit_tiny": "vit_tiny_patch16_224",
     "vit_small": "vit_small_patch16_224",
     "vit_base": "vit_base_patch16_224",
 }
+# `tiny`: timm's ResNet class with one BasicBlock per stage at quarter width, small enough to train on
+# CIFAR on a CPU. Its stem is timm's default, a 64-channel conv (timm's `stem_width` sizes only its deep
+# stems), which layer1's 1x1 shortcut projects to 16 channels: 324,576 parameters, 316,896 with the
+# CIFAR stem, 128-d features.
+TINY_BLOCKS = (1, 1, 1, 1)
+TINY_CHANNELS = (16, 32, 64, 128)
 
 
 def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
@@ -40,12 +48,10 @@ def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
 
 def _resnet(cfg: ModelConfig) -> tuple[nn.Module, int]:
     if cfg.backbone == "tiny":
-        # ResNet-10 (one basic block per stage) at quarter width: seconds per epoch of CIFAR on a CPU.
-        model: nn.Module = TimmResNet(BasicBlock, (1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16)
-        feature_dim = model.fc.in_features
+        model: nn.Module = TimmResNet(BasicBlock, TINY_BLOCKS, channels=TINY_CHANNELS)
     else:
         model = getattr(torchvision.models, cfg.backbone)(weights=None)
-        feature_dim = model.fc.in_features
+    feature_dim = model.fc.in_features
     model.fc = nn.Identity()
     if cfg.cifar_stem:
         # 32 px images: a 7x7 stride-2 conv plus max-pool would leave 8x8 maps before layer1.

@@ -29,8 +29,8 @@ class HeadConfig:
 @dataclass(frozen=True)
 class ModelConfig(Section, key="model"):
     """backbone: resnet18 | resnet50 (torchvision), vit_small | vit_base (timm, /16 patches), or the small
-    options for CPU tests and quick starts: `tiny` (a ResNet-10 of quarter width, 0.3 M parameters,
-    CIFAR stem capable) and `vit_tiny` (timm ViT-Ti).
+    options for CPU tests and quick starts: `tiny` (a ResNet-10 of quarter width on timm's 64-channel
+    stem, 0.32 M parameters, CIFAR stem capable) and `vit_tiny` (timm ViT-Ti).
 
     cifar_stem: ResNets only: a 3x3 stride-1 first conv and no max-pool, for 32 px images.
     image_size / patch_size: ViTs only: the position-embedding grid (other input sizes, e.g. local crops,
