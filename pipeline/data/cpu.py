@@ -43,7 +43,8 @@ def view_transform(spec: ViewSpec) -> v2.Compose:
 
 class SeparableGaussianBlur(torch.nn.Module):
     """v2.GaussianBlur's semantics (sigma ~ U[sigma], reflect padding, uint8 in and out) as two 1-D passes:
-    torchvision convolves with the full k x k kernel, ~10x slower at SimCLR's 23 px kernel on 224 px."""
+    torchvision convolves with the full k x k kernel: k^2 multiplies per pixel against 2k (529 vs 46 at
+    SimCLR's 23 px kernel)."""
 
     def __init__(self, kernel_size: int, sigma: tuple[float, float]) -> None:
         super().__init__()

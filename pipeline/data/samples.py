@@ -44,7 +44,7 @@ class ShardSamples(Dataset):
 
     def __getitems__(self, items: list[tuple[int, int]]) -> list[tuple[list[torch.Tensor], int, int]]:
         """A batch with one intra-op thread (the DataLoader calls this when present): ops on single small
-        images only pay thread synchronisation for more threads, ~9x slower on a busy 2-core machine."""
+        images only pay thread synchronisation for more threads, and workers already use every core."""
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

@@ -79,8 +79,8 @@ class DeepSpeedEngine:
         import deepspeed
 
         if device.type == "cpu":
-            # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU ranks (about a minute on first use
-            # on a 2-core machine); gloo is enough for CPU runs, which are tests and debugging.
+            # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU ranks on first use (a C++ build);
+            # gloo is enough for CPU runs, which are tests and debugging.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         _ensure_process_group(timeout_s)
         method = method.to(device)
