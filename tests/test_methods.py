@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import ConfigError
 from pipeline.distributed import all_gather_no_grad, all_reduce_mean
-from pipeline.losses import info_nce, supcon
+from pipeline.losses import barlow_twins, info_nce, supcon
 from pipeline.methods import METHOD_CONFIGS, METHODS, build_method
 from pipeline.methods.config import MoCoV2Config, SimCLRConfig
 from pipeline.methods.mocov2 import MoCoV2
@@ -363,3 +363,15 @@ def _checks(r: int, world: int) -> None:
 
 def test_distributed_method_steps_and_moco_queue_match_one_process() -> None:
     run_ranks(_checks, WORLD)
+
+
+def test_barlow_twins_normalises_each_view_alone():
+    """Each view's own BatchNorm statistics, as the official code (one pass over both learned less)."""
+    method = build_method(SimpleNamespace(model=TINY, method=_method_config("barlow_twins")))
+    views = _views(8)
+    torch.manual_seed(0)
+    loss, _ = method(views)
+    per_view = barlow_twins(method.project(views[1]), method.project(views[0]), method.cfg.lambd)
+    joint = method.project(torch.cat(views)).chunk(2)
+    torch.testing.assert_close(loss, per_view)
+    assert not torch.allclose(loss, barlow_twins(joint[1], joint[0], method.cfg.lambd))
