@@ -1,11 +1,15 @@
 """What the loader tests share: augmentation settings with known pixels in and out, a digest that
-recognises an image across backends, and the batches of a loader over epochs."""
+recognises an image across backends, the batches of a loader over epochs, and a damaged shard."""
 
 import hashlib
+import json
+import shutil
+from pathlib import Path
 
 import torch
 
 from pipeline.data import AugmentConfig
+from pipeline.data.shards import load_shard_set
 
 # Every random op off and a full-image crop: a view is the decoded image, normalised (32 px in, 32 px out).
 IDENTITY = AugmentConfig(
@@ -35,3 +39,20 @@ def take_batches(loader, epochs, stop_after: int | None = None) -> list:
             if len(out) == stop_after:
                 return out
     return out
+
+
+def damaged_first_shard(sample_shards: Path, out: Path, sample: int = 7) -> tuple[str, str]:
+    """A copy of the first training shard (with its index and a one-shard manifest) in `out`, with
+    zeros over the JPEG header and data of `sample`; returns (shard file name, that sample's key)."""
+    manifest = json.loads((sample_shards / "manifest.json").read_text())
+    first = manifest["splits"]["train"]["shards"][0]
+    manifest["splits"] = {"train": {"shards": [first], "samples": first["samples"]}}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for name in (first["name"], first["index"]):
+        shutil.copy(sample_shards / name, out / name)
+    shards = load_shard_set(str(out))
+    offset, size = shards.image[sample]
+    with open(out / first["name"], "r+b") as f:
+        f.seek(int(offset))
+        f.write(b"\x00" * int(size))
+    return first["name"], shards.keys[sample]

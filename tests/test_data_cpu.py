@@ -5,11 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 
 import pytest
 import torch
-from loader_presets import IDENTITY, take_batches
+from loader_presets import IDENTITY, damaged_first_shard, take_batches
 
 from pipeline.data import DataConfig, build_eval_loader, build_loader
 from pipeline.data.shards import load_shard_set
@@ -86,23 +85,14 @@ def test_restored_loader_yields_bit_identical_batches(sample_val_shards):
 
 
 def test_damaged_sample_is_skipped_and_counted(sample_shards, tmp_path, caplog):
-    manifest = json.loads((sample_shards / "manifest.json").read_text())
-    first = manifest["splits"]["train"]["shards"][0]
-    manifest["splits"] = {"train": {"shards": [first], "samples": first["samples"]}}
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    for name in (first["name"], first["index"]):
-        shutil.copy(sample_shards / name, tmp_path / name)
-    offset, size = load_shard_set(str(tmp_path)).image[7]
-    with open(tmp_path / first["name"], "r+b") as f:  # garbage over the JPEG header and data of sample 7
-        f.seek(int(offset))
-        f.write(b"\x00" * int(size))
+    shard_name, _ = damaged_first_shard(sample_shards, tmp_path)
 
     loader = build_loader(_cfg(tmp_path, augment=IDENTITY))
     with caplog.at_level(logging.WARNING, logger="pipeline.data.samples"):
         batches = list(loader)
     assert len(batches) == 5 and all(b.views[0].shape[0] == 50 for b in batches)
     assert loader.state_dict()["replaced_samples"] == 1
-    assert f"{first['name']}:" in caplog.text and "data_prep verify" in caplog.text
+    assert f"{shard_name}:" in caplog.text and "data_prep verify" in caplog.text
 
 
 def test_eval_loader_reads_every_sample_once_in_order(sample_val_shards):

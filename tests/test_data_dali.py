@@ -3,7 +3,6 @@ torch) on one recipe: identical pixels with the random ops off, alike crop and c
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -13,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from loader_presets import IDENTITY, PLAIN, pixel_digest
+from loader_presets import IDENTITY, PLAIN, damaged_first_shard, pixel_digest
 from PIL import Image
 
 from data_prep.__main__ import main as data_prep_main
 from pipeline.data import AugmentConfig, DataConfig, build_eval_loader, build_loader
-from pipeline.data.shards import load_shard_set
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -166,17 +164,7 @@ def test_every_backend_colours_alike(sample_shards):
 
 @pytest.mark.slow  # a fresh interpreter importing torch and DALI
 def test_damaged_sample_fails_naming_shard_and_key(sample_shards, tmp_path):
-    manifest = json.loads((sample_shards / "manifest.json").read_text())
-    first = manifest["splits"]["train"]["shards"][0]
-    manifest["splits"] = {"train": {"shards": [first], "samples": first["samples"]}}
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    for name in (first["name"], first["index"]):
-        (tmp_path / name).write_bytes((sample_shards / name).read_bytes())
-    shards = load_shard_set(str(tmp_path))
-    offset, size = shards.image[7]
-    with open(tmp_path / first["name"], "r+b") as f:
-        f.seek(int(offset))
-        f.write(b"\x00" * int(size))
+    shard_name, damaged_key = damaged_first_shard(sample_shards, tmp_path)
     # In a subprocess: DALI's CPU decoder itself may crash on some damaged JPEGs; the suite must survive that.
     script = textwrap.dedent(f"""
         from pipeline.data import DataConfig, build_loader
@@ -190,7 +178,7 @@ def test_damaged_sample_fails_naming_shard_and_key(sample_shards, tmp_path):
     if run.returncode == -signal.SIGSEGV:  # seen in about half the runs on DALI 2.4's CPU decoder error path
         pytest.xfail("DALI 2.4's host image decoder crashed (SIGSEGV) on the damaged JPEG instead of raising")
     assert run.returncode == 1, run.stderr[-2000:]
-    assert f"{first['name']}:{shards.keys[7]}" in run.stderr and "data_prep verify" in run.stderr
+    assert f"{shard_name}:{damaged_key}" in run.stderr and "data_prep verify" in run.stderr
 
 
 @pytest.mark.gpu

@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from loader_presets import IDENTITY, PLAIN, pixel_digest, take_batches
+from loader_presets import IDENTITY, PLAIN, damaged_first_shard, pixel_digest, take_batches
 from PIL import Image
 from ranks import run_ranks
 
 from data_prep.__main__ import main as data_prep_main
 from pipeline.config import ConfigError
 from pipeline.data import AugmentConfig, DataConfig, build_eval_loader, build_loader
-from pipeline.data.shards import load_shard_set
 from pipeline.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,20 +141,11 @@ def test_images_of_varied_sizes_are_cropped_inside_themselves(varied_shards, sou
 
 
 def test_damaged_sample_is_replaced_and_counted(sample_shards, tmp_path, caplog):
-    manifest = json.loads((sample_shards / "manifest.json").read_text())
-    first = manifest["splits"]["train"]["shards"][0]
-    manifest["splits"] = {"train": {"shards": [first], "samples": first["samples"]}}
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    for name in (first["name"], first["index"]):
-        shutil.copy(sample_shards / name, tmp_path / name)
-    offset, size = load_shard_set(str(tmp_path)).image[7]
-    with open(tmp_path / first["name"], "r+b") as f:
-        f.seek(int(offset))
-        f.write(b"\x00" * int(size))
+    shard_name, _ = damaged_first_shard(sample_shards, tmp_path)
     with caplog.at_level(logging.WARNING, logger="pipeline.data.samples"):
         loader = build_loader(_cfg(tmp_path, augment=IDENTITY))
     assert len(list(loader)) == 5 and loader.state_dict()["replaced_samples"] == 1
-    assert f"{first['name']}:" in caplog.text and "data_prep verify" in caplog.text
+    assert f"{shard_name}:" in caplog.text and "data_prep verify" in caplog.text
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
