@@ -322,18 +322,18 @@ class Trainer:
         store = CheckpointStore(checkpoint_root(cfg), keep_last=cfg.checkpoint.keep_last)
         state = TrainState(self.loader, self.env.rank, self.env.world_size)
         resumed_from = self.resume(state, store)
-        budget, progress = self.budget, state.progress
+        budget, progress, config = self.budget, state.progress, to_dict(cfg)
         check_checkpoint_dir(store, self.engine.module, self.env.world_size)
         if self.is_main:
-            write_run_config(cfg.run.output_dir, to_dict(cfg), progress.step)
-        checkpointer = self.build_checkpointer(store, state, resumed_from)
+            write_run_config(cfg.run.output_dir, config, progress.step)
+        checkpointer = self.build_checkpointer(store, state, resumed_from, config)
         logger = RunLogger(
             cfg,
             enabled=self.is_main,
             run_id=progress.wandb_run_id,
             start_step=progress.step,
             last_step=budget.last_step,
-            config_dict=to_dict(cfg),
+            config_dict=config,
             device=self.env.device,
         )
         guard = BadStepGuard(cfg.train.max_bad_steps)
@@ -403,10 +403,10 @@ class Trainer:
         return step_dir
 
     def build_checkpointer(
-        self, store: CheckpointStore, state: TrainState, resumed_from: str | None
+        self, store: CheckpointStore, state: TrainState, resumed_from: str | None, config: dict[str, Any]
     ) -> Checkpointer:
-        """Saves go through the engine (model, optimizer) with `state` captured from every rank."""
-        config = to_dict(self.cfg)
+        """Saves go through the engine (model, optimizer) with `state` captured from every rank and the
+        run's config (as a plain dict) beside it."""
 
         def write(step: int) -> None:
             self.engine.save(store, step, state.capture(config))
