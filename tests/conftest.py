@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import faulthandler
+import multiprocessing
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +28,9 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO / "sample_data" / "cifar10_mini"
+# After the session, how long the interpreter's own exit (atexit handlers, joins of threads and children,
+# destructors) may take before the exit watchdog reports what holds it and ends the process.
+EXIT_GRACE_S = 120
 
 
 def shard_folder(src: Path, out: Path, samples_per_shard: int = 250) -> Path:
@@ -65,3 +72,26 @@ def s3_server() -> Iterator[S3Server]:
             yield server
     finally:
         server.stop()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Arm the exit watchdog. Every result is reported by now, but something left running (a thread the
+    interpreter joins at exit, a child it waits for, a destructor that blocks) can hold the process, and CI
+    then waits out its whole time limit on a session whose tests passed, with nothing to say what held it.
+    The watchdog prints every thread's stack and the live children, then ends the process with the
+    session's own status; the C-level dump a little later covers a hang where no Python thread can run
+    any more (late in interpreter teardown), and exits 1."""
+    status = int(exitstatus)
+    threading.Thread(target=_end_held_exit, args=(status,), name="exit-watchdog", daemon=True).start()
+    faulthandler.dump_traceback_later(EXIT_GRACE_S + 30, exit=True, file=sys.__stderr__)
+
+
+def _end_held_exit(status: int) -> None:
+    time.sleep(EXIT_GRACE_S)
+    err = sys.__stderr__
+    print(f"\nconftest: pytest still running {EXIT_GRACE_S} s after the session; what holds it:", file=err)
+    print(f"live children: {multiprocessing.active_children()}", file=err, flush=True)
+    faulthandler.dump_traceback(file=err, all_threads=True)
+    print(f"conftest: ending the process with the session's status {status}", file=err, flush=True)
+    os._exit(status)
