@@ -81,7 +81,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     then waits out its whole time limit on a session whose tests passed, with nothing to say what held it.
     The watchdog prints every thread's stack and the live children, then ends the process with the
     session's own status; the C-level dump a little later covers a hang where no Python thread can run
-    any more (late in interpreter teardown), and exits 1."""
+    any more (late in interpreter teardown), and exits 1. Armed only when pytest is the program (not
+    `pytest.main` inside a notebook or an IDE, which must outlive the session)."""
+    main_spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if not (main_spec and main_spec.name.startswith("pytest")) and Path(sys.argv[0]).name != "pytest":
+        return
     status = int(exitstatus)
     threading.Thread(target=_end_held_exit, args=(status,), name="exit-watchdog", daemon=True).start()
     faulthandler.dump_traceback_later(EXIT_GRACE_S + 30, exit=True, file=sys.__stderr__)
