@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import time
 
 import pytest
 import torch
@@ -135,3 +137,35 @@ def test_shards_stream_from_s3(sample_val_shards, s3_server):
     images, _ = next(iter(build_eval_loader(url, image_size=32, batch_size=10)))
     local, _ = next(iter(build_eval_loader(str(sample_val_shards), image_size=32, batch_size=10)))
     assert torch.equal(images, local)
+
+
+def _worker_sleeping(ready) -> None:
+    from pipeline.data.samples import init_worker
+
+    init_worker(0)
+    ready.set()
+    time.sleep(60)
+
+
+def test_a_worker_ignores_others_sigterm_and_obeys_its_trainers():
+    """A scheduler's SIGTERM to the whole job must not end a worker before the trainer saves; the
+    trainer's own (multiprocessing ends daemonic workers so at exit) must, or the exit waits forever."""
+    import multiprocessing
+    import signal
+    import subprocess
+
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    worker = ctx.Process(target=_worker_sleeping, args=(ready,), daemon=True)
+    worker.start()
+    try:
+        assert ready.wait(30)
+        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # sent by another process
+        worker.join(2)
+        assert worker.is_alive()
+        worker.terminate()  # SIGTERM from the parent
+        worker.join(10)
+        assert not worker.is_alive() and worker.exitcode == 0
+    finally:
+        if worker.is_alive():
+            os.kill(worker.pid, signal.SIGKILL)

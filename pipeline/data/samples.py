@@ -6,7 +6,9 @@ Shared by the cpu and torch training backends, the resident decode and the eval 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -107,4 +109,14 @@ def init_worker(_worker_id: int) -> None:
     # SLURM, Kubernetes and Ctrl-C signal the whole process group: only the trainer reacts (it saves a
     # checkpoint, then shuts its workers down); a worker killed first would break that save.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    """A worker's SIGTERM from anyone but its trainer is dropped (see `init_worker`); from the trainer it
+    ends the worker: that is how `multiprocessing` ends daemonic workers when the trainer exits with a
+    loader still iterating, which would otherwise wait on them forever."""
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(0)
