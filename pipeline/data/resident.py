@@ -56,6 +56,14 @@ def check_encoded_size(shards: ShardSet, budget_bytes: int) -> None:
         )
 
 
+def _decoded_chunk(samples: list[tuple[list[torch.Tensor], int, int]]) -> tuple[torch.Tensor, ...]:
+    """A worker's chunk as four tensors: each tensor a worker returns travels as one shared-memory file
+    descriptor, held open while it lives, so a tensor per image would exhaust `ulimit -n` on a large split."""
+    images, sizes = pad_images([s[0][0] for s in samples])
+    labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+    return images, sizes, labels, torch.tensor(sum(s[2] for s in samples))
+
+
 def decode_resident(
     shards: ShardSet, *, device: torch.device, budget_bytes: int, num_workers: int
 ) -> ResidentImages:
@@ -65,28 +73,33 @@ def decode_resident(
     n = shards.num_samples
     dataset = ShardSamples(shards, [torch.nn.Identity()], seed=0, seeded=False)
     chunks = [[(i, 0) for i in range(lo, min(n, lo + DECODE_CHUNK))] for lo in range(0, n, DECODE_CHUNK)]
-    loader = DataLoader(dataset, batch_sampler=chunks, num_workers=num_workers, collate_fn=list)
-    images: list[torch.Tensor] = []
-    labels: list[int] = []
+    loader = DataLoader(dataset, batch_sampler=chunks, num_workers=num_workers, collate_fn=_decoded_chunk)
+    decoded: list[torch.Tensor] = []
+    sizes: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
     replaced = 0
-    height = width = 0
-    for chunk in loader:
-        for views, label, skipped in chunk:
-            images.append(views[0])
-            labels.append(label)
-            replaced += skipped
-            height, width = max(height, views[0].shape[1]), max(width, views[0].shape[2])
+    for images, chunk_sizes, chunk_labels, skipped in loader:
+        # private copies, so that each shared segment (and its descriptor) goes with the loop variable
+        decoded.append(images.clone())
+        sizes.append(chunk_sizes.clone())
+        labels.append(chunk_labels.clone())
+        replaced += int(skipped)
+        height, width = (int(v) for v in torch.cat(sizes).max(0).values)
         if n * 3 * height * width > budget_bytes:
             raise OverBudget(
                 f"data.resident_budget_gib: {shards.root} split {shards.split!r} decodes to "
                 f"{n * 3 * height * width / 2**30:.2f} GiB or more ({n} images padded to {height}x{width}), "
                 f"over the {budget_bytes / 2**30:.2f} GiB budget; raise it, or set data.source=stream"
             )
-    padded, sizes = pad_images(images)
-    label_tensor = torch.tensor(labels, dtype=torch.int64)
+    padded = decoded[0].new_zeros((n, 3, height, width))
+    start = 0
+    for images in decoded:
+        padded[start : start + len(images), :, : images.shape[2], : images.shape[3]] = images
+        start += len(images)
+    label_tensor = torch.cat(labels)
     return ResidentImages(
         images=padded.to(device),
-        sizes=sizes,
+        sizes=torch.cat(sizes),
         labels=None if bool((label_tensor < 0).any()) else label_tensor.to(device),
         replaced_samples=replaced,
     )

@@ -39,6 +39,15 @@ class EncodedSamples(Dataset):
         return sample_id, torch.frombuffer(bytearray(data), dtype=torch.uint8), self.reader.label(sample_id)
 
 
+def _encoded_batch(samples: list[tuple[int, torch.Tensor, int]]) -> tuple[torch.Tensor, ...]:
+    """A batch of encoded samples as four tensors (ids, the bytes end to end, their lengths, labels): each
+    tensor a worker returns holds a shared-memory file descriptor while it lives, so one per image would
+    cost a descriptor per image in flight."""
+    ids, data, labels = zip(*samples, strict=True)
+    lengths = torch.tensor([len(d) for d in data], dtype=torch.int64)
+    return torch.tensor(ids), torch.cat(data), lengths, torch.tensor(labels, dtype=torch.int64)
+
+
 def _decoded_batch(samples: list[tuple[list[torch.Tensor], int, int]]) -> StreamBatch:
     images, sizes = pad_images([s[0][0] for s in samples])
     labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
@@ -56,17 +65,20 @@ class StreamingSource:
         device: torch.device,
         num_workers: int,
         prefetch: int,
+        decode_on_device: bool | None = None,
     ) -> None:
+        """`decode_on_device` (default: on a GPU) has workers only read and `decode_jpeg` decode each batch
+        on `device`; a CPU device takes the same path when it is set, which is how CI tests it."""
         self.device = device
-        self.gpu_decode = device.type == "cuda"
+        self.decode_on_device = device.type == "cuda" if decode_on_device is None else decode_on_device
         # Damaged samples (and, on a GPU, anything nvJPEG refuses) go through `ShardSamples`' decoder.
         self.fallback = ShardSamples(shards, [torch.nn.Identity()], seed=0, seeded=False)
         self._loader = DataLoader(
-            EncodedSamples(shards) if self.gpu_decode else self.fallback,
+            EncodedSamples(shards) if self.decode_on_device else self.fallback,
             batch_sampler=sampler,
             num_workers=num_workers,
-            collate_fn=list if self.gpu_decode else _decoded_batch,
-            pin_memory=self.gpu_decode,
+            collate_fn=_encoded_batch if self.decode_on_device else _decoded_batch,
+            pin_memory=self.decode_on_device and device.type == "cuda",
             persistent_workers=num_workers > 0,
             prefetch_factor=prefetch if num_workers > 0 else None,
             worker_init_fn=init_worker if num_workers > 0 else None,
@@ -74,7 +86,7 @@ class StreamingSource:
 
     def __iter__(self) -> Iterator[StreamBatch]:
         for batch in self._loader:
-            if self.gpu_decode:
+            if self.decode_on_device:
                 batch = self._decode_on_device(batch)
             images, sizes, labels, replaced = batch
             yield (
@@ -84,7 +96,10 @@ class StreamingSource:
                 replaced,
             )
 
-    def _decode_on_device(self, samples: list[tuple[int, torch.Tensor, int]]) -> StreamBatch:
+    def _decode_on_device(self, batch: tuple[torch.Tensor, ...]) -> StreamBatch:
+        ids, data, lengths, labels_in = batch
+        encoded = torch.split(data, lengths.tolist())  # views of the (pinned) batch buffer
+        samples = list(zip(ids.tolist(), encoded, labels_in.tolist(), strict=True))
         jpeg = [n for n, (_, data, _) in enumerate(samples) if bytes(data[:2].tolist()) == JPEG_MAGIC]
         decoded: dict[int, torch.Tensor] = {}
         try:
