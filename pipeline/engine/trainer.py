@@ -129,7 +129,7 @@ def build_engine(
 
 def seed_everything(seed: int, deterministic: bool) -> None:
     """With `deterministic`, every op that has a deterministic kernel uses it; the few that have none on
-    CUDA (e.g. the backward of adaptive average pooling and of nll_loss) warn once and run anyway, so
+    CUDA (e.g. the backward of adaptive average pooling to sizes above 1x1) warn once and run anyway, so
     a CUDA run is reproducible only up to those ops. CPU runs are bit-exact (what exact resume tests)."""
     random.seed(seed)
     np.random.seed(seed)
