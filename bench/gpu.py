@@ -13,7 +13,10 @@ Runs each check below, prints one JSON object per check as it finishes and a tab
   loss            bench loss at 4,096 / 16,384 / 32,768 pairs   goal: 32,768 chunked < 2 GiB, <= 1.3x naive
   step-r50        bench step, SimCLR ResNet-50 224 px, DALI      goal: >= 0.9 of the synthetic ceiling
   step-cifar      bench step, SimCLR CIFAR ResNet-18, DALI        goal: >= 0.9 of the synthetic ceiling
+  step-r50-torch  the same, data.backend=torch (resident pixels, batched augmentation on the GPU)
+  step-cifar-torch  the same, data.backend=torch
   loader-dali     bench loader, DALI, two 224 px views            goal: >= 20,000 images/s
+  loader-torch    bench loader, the torch backend (resident and streamed), two 224 px views: same goal
 
 Without CUDA the bf16 rows run on the CPU (CPU autocast) and the rest say "skipped: no CUDA"; rows that
 need DALI or DeepSpeed say "skipped: X not installed" where it is missing. The data is generated:
@@ -330,10 +333,12 @@ def check_loss(args: argparse.Namespace) -> tuple[str, dict]:
     return detail, figures
 
 
-def _step_ratio(args: argparse.Namespace, config: str, shards: Path, batch_size: int) -> tuple[str, dict]:
+def _step_ratio(
+    args: argparse.Namespace, config: str, shards: Path, batch_size: int, backend: str
+) -> tuple[str, dict]:
     argv = ["-m", "bench", "step", "--config", config, "--steps", "50", "--warmup", "10",
             f"data.train_shards={shards}", "data.val_shards=null", "eval.every_epochs=0",
-            "data.backend=dali", f"data.batch_size={batch_size}",
+            f"data.backend={backend}", f"data.batch_size={batch_size}",
             f"run.output_dir={args.work / 'bench-step'}"]  # fmt: skip
     proc = _python(*argv, timeout=300)
     rows = _json_lines(proc.stdout)
@@ -347,36 +352,49 @@ def _step_ratio(args: argparse.Namespace, config: str, shards: Path, batch_size:
     return detail, row
 
 
-def check_step_r50(args: argparse.Namespace) -> tuple[str, dict]:
-    _need_cuda()
-    _need("DALI", "nvidia.dali")
-    shards = synthetic_shards(args.work, "imagenet-like", 2048, 224)
-    return _step_ratio(args, str(ROOT / "configs" / "imagenet_simclr.yaml"), shards, 128)
+def _check_step(dataset: str, backend: str) -> Callable[[argparse.Namespace], tuple[str, dict]]:
+    """bench step of SimCLR on generated shards: ResNet-50 at 224 px, or CIFAR ResNet-18 at 32 px."""
+
+    def check(args: argparse.Namespace) -> tuple[str, dict]:
+        _need_cuda()
+        if backend == "dali":
+            _need("DALI", "nvidia.dali")
+        if dataset == "imagenet":
+            shards = synthetic_shards(args.work, "imagenet-like", 2048, 224)
+            return _step_ratio(args, str(ROOT / "configs" / "imagenet_simclr.yaml"), shards, 128, backend)
+        shards = synthetic_shards(args.work, "cifar-like", 4096, 32)
+        return _step_ratio(args, str(ROOT / "configs" / "cifar10_simclr.yaml"), shards, 512, backend)
+
+    return check
 
 
-def check_step_cifar(args: argparse.Namespace) -> tuple[str, dict]:
-    _need_cuda()
-    _need("DALI", "nvidia.dali")
-    shards = synthetic_shards(args.work, "cifar-like", 4096, 32)
-    return _step_ratio(args, str(ROOT / "configs" / "cifar10_simclr.yaml"), shards, 512)
+def _check_loader(backend: str) -> Callable[[argparse.Namespace], tuple[str, dict]]:
+    """bench loader on 224 px images: DALI (its `mixed` GPU decode) or the torch backend (resident
+    pixels and streamed JPEGs decoded on the GPU); the best row counts."""
 
+    def check(args: argparse.Namespace) -> tuple[str, dict]:
+        _need_cuda()
+        if backend == "dali":
+            _need("DALI", "nvidia.dali")
+        data_root = args.data_root or imagenette_like_root(args.work, 4096)
+        argv = ["-m", "bench", "loader", "--datasets", "imagenette", "--backends", backend,
+                "--devices", "cuda", "--limit", "4096", "--batches", "50", "--batch-size", "256",
+                "--workers", str(min(16, os.cpu_count() or 1)), "--data-root", str(data_root),
+                "--cache", str(args.work / "loader-cache")]  # fmt: skip
+        proc = _python(*argv, timeout=300)
+        rows = [r for r in _json_lines(proc.stdout) if "images_per_s" in r]
+        if proc.returncode != 0 or not rows:
+            raise AssertionError(f"bench loader exited {proc.returncode}: {proc.stderr[-2000:]}")
+        best = max(rows, key=lambda r: r["images_per_s"])
+        detail = "; ".join(
+            f"{r['images_per_s']:.0f} images/s ({r['backend']}{' ' + r['source'] if 'source' in r else ''})"
+            for r in rows
+        )
+        if best["images_per_s"] < LOADER_GOAL:
+            raise AssertionError(f"{detail}; goal >= {LOADER_GOAL}")
+        return detail, {"rows": rows}
 
-def check_loader_dali(args: argparse.Namespace) -> tuple[str, dict]:
-    _need_cuda()
-    _need("DALI", "nvidia.dali")
-    data_root = args.data_root or imagenette_like_root(args.work, 4096)
-    argv = ["-m", "bench", "loader", "--datasets", "imagenette", "--backends", "dali", "--limit", "4096",
-            "--batches", "50", "--batch-size", "256", "--workers", str(min(16, os.cpu_count() or 1)),
-            "--data-root", str(data_root), "--cache", str(args.work / "loader-cache")]  # fmt: skip
-    proc = _python(*argv, timeout=300)
-    rows = [r for r in _json_lines(proc.stdout) if "images_per_s" in r]
-    if proc.returncode != 0 or not rows:
-        raise AssertionError(f"bench loader exited {proc.returncode}: {proc.stderr[-2000:]}")
-    best = max(rows, key=lambda r: r["images_per_s"])
-    detail = f"{best['images_per_s']:.0f} images/s ({best.get('backend', 'dali')})"
-    if best["images_per_s"] < LOADER_GOAL:
-        raise AssertionError(f"{detail}; goal >= {LOADER_GOAL}")
-    return detail, best
+    return check
 
 
 CHECKS: dict[str, Callable[[argparse.Namespace], tuple[str, dict]]] = {
@@ -388,9 +406,12 @@ CHECKS: dict[str, Callable[[argparse.Namespace], tuple[str, dict]]] = {
     "compile": check_compile,
     "dali-mixed": check_dali_mixed,
     "loss": check_loss,
-    "step-r50": check_step_r50,
-    "step-cifar": check_step_cifar,
-    "loader-dali": check_loader_dali,
+    "step-r50": _check_step("imagenet", "dali"),
+    "step-cifar": _check_step("cifar", "dali"),
+    "step-r50-torch": _check_step("imagenet", "torch"),
+    "step-cifar-torch": _check_step("cifar", "torch"),
+    "loader-dali": _check_loader("dali"),
+    "loader-torch": _check_loader("torch"),
 }
 
 

@@ -160,7 +160,10 @@ def measure(shards: Path, image_size: int, backend: str, device: torch.device, s
 def runs_for(args) -> list[tuple[str, torch.device, str]]:
     """(backend, device, torch source) in the order measured."""
     runs = []
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    available = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = [torch.device(d) for d in (args.devices.split(",") if args.devices else available)]
+    if unknown := [d.type for d in devices if d.type not in available]:
+        raise SystemExit(f"--devices: {','.join(unknown)} not available here (have {','.join(available)})")
     for backend in args.backends.split(","):
         if backend not in BACKENDS:
             raise SystemExit(f"--backends: unknown {backend!r}, expected some of {','.join(BACKENDS)}")
@@ -200,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--datasets", default="imagenette,cifar", help="comma list of: " + ", ".join(DATASETS))
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma list of: " + ", ".join(BACKENDS))
+    p.add_argument("--devices", help="comma list of cpu, cuda (default: every one available)")
     p.add_argument(
         "--torch-source", default="resident,stream", help="torch backend: resident, stream or both"
     )
