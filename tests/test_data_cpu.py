@@ -169,3 +169,32 @@ def test_a_worker_ignores_others_sigterm_and_obeys_its_trainers():
     finally:
         if worker.is_alive():
             os.kill(worker.pid, signal.SIGKILL)
+
+
+NO_FREE_DESCRIPTOR = """
+import os, resource, sys
+import torch
+from pipeline.data.samples import ShardSamples
+from pipeline.data.shards import load_shard_set
+
+dataset = ShardSamples(load_shard_set(sys.argv[1]), [torch.nn.Identity()], seed=0, seeded=False)
+open_now = len(os.listdir("/proc/self/fd")) - 1  # less the one listdir held
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    dataset[(0, 0)]
+except OSError as e:
+    print(e)
+"""
+
+
+def test_running_out_of_file_descriptors_is_an_error_not_damaged_samples(sample_val_shards):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_FREE_DESCRIPTOR, str(sample_val_shards)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Too many open files reading" in proc.stdout and "ulimit -n" in proc.stdout
+    assert "skipping" not in proc.stderr

@@ -5,6 +5,7 @@ Shared by the cpu and torch training backends, the resident decode and the eval 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from pipeline.data import sampling
 from pipeline.data.shards import VERIFY_HINT, SampleReader, ShardSet, UnreadableShards
 
 log = logging.getLogger(__name__)
+TOO_MANY_FILES = (errno.EMFILE, errno.ENFILE)
 MAX_REPLACEMENTS = 32  # consecutive undecodable samples before giving up: the shards are broken
 
 
@@ -65,6 +67,12 @@ class ShardSamples(Dataset):
             except UnreadableShards:
                 raise
             except (RuntimeError, OSError, ValueError) as e:
+                if isinstance(e, OSError) and e.errno in TOO_MANY_FILES:  # the process's, not the sample's
+                    raise OSError(
+                        e.errno,
+                        f"{e.strerror} reading {self.reader.shards.locate(candidate)}; "
+                        "raise the limit (ulimit -n) or use fewer data.num_workers",
+                    ) from e
                 log.warning(
                     "skipping undecodable sample %s (%s); %s",
                     self.reader.shards.locate(candidate),
