@@ -147,14 +147,15 @@ def _worker_sleeping(ready) -> None:
     time.sleep(60)
 
 
-def test_a_worker_ignores_others_sigterm_and_obeys_its_trainers():
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_a_worker_ignores_others_sigterm_and_obeys_its_trainers(start_method):
     """A scheduler's SIGTERM to the whole job must not end a worker before the trainer saves; the
     trainer's own (multiprocessing ends daemonic workers so at exit) must, or the exit waits forever."""
     import multiprocessing
     import signal
     import subprocess
 
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context(start_method)
     ready = ctx.Event()
     worker = ctx.Process(target=_worker_sleeping, args=(ready,), daemon=True)
     worker.start()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -118,7 +119,9 @@ def init_worker(_worker_id: int) -> None:
     # checkpoint, then shuts its workers down); a worker killed first would break that save.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+    # The process that started this worker: its parent under fork, not under forkserver (3.14's default).
+    trainer = multiprocessing.parent_process()
+    threading.Thread(target=_exit_on_sigterm_from, args=(trainer.pid,), daemon=True).start()
 
 
 def _exit_on_sigterm_from(parent: int) -> None:
