@@ -77,14 +77,14 @@ def decode_resident(
     decoded: list[torch.Tensor] = []
     sizes: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    replaced = 0
+    replaced = height = width = 0
     for images, chunk_sizes, chunk_labels, skipped in loader:
         # private copies, so that each shared segment (and its descriptor) goes with the loop variable
         decoded.append(images.clone())
         sizes.append(chunk_sizes.clone())
         labels.append(chunk_labels.clone())
         replaced += int(skipped)
-        height, width = (int(v) for v in torch.cat(sizes).max(0).values)
+        height, width = max(height, images.shape[2]), max(width, images.shape[3])  # chunks are padded
         if n * 3 * height * width > budget_bytes:
             raise OverBudget(
                 f"data.resident_budget_gib: {shards.root} split {shards.split!r} decodes to "

@@ -121,7 +121,8 @@ def init_worker(_worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     # The process that started this worker: its parent under fork, not under forkserver (3.14's default).
     trainer = multiprocessing.parent_process()
-    threading.Thread(target=_exit_on_sigterm_from, args=(trainer.pid,), daemon=True).start()
+    trainer_pid = trainer.pid if trainer is not None else os.getppid()
+    threading.Thread(target=_exit_on_sigterm_from, args=(trainer_pid,), daemon=True).start()
 
 
 def _exit_on_sigterm_from(parent: int) -> None:

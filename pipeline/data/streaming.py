@@ -97,8 +97,8 @@ class StreamingSource:
             )
 
     def _decode_on_device(self, batch: tuple[torch.Tensor, ...]) -> StreamBatch:
-        ids, data, lengths, labels_in = batch
-        encoded = torch.split(data, lengths.tolist())  # views of the (pinned) batch buffer
+        ids, buffer, lengths, labels_in = batch
+        encoded = torch.split(buffer, lengths.tolist())  # views of the (pinned) batch buffer
         samples = list(zip(ids.tolist(), encoded, labels_in.tolist(), strict=True))
         jpeg = [n for n, (_, data, _) in enumerate(samples) if bytes(data[:2].tolist()) == JPEG_MAGIC]
         decoded: dict[int, torch.Tensor] = {}
