@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.data.batch_augment import pad_images
-from pipeline.data.samples import ShardSamples
+from pipeline.data.samples import ShardSamples, padded_batch
 from pipeline.data.shards import ShardSet, read_manifest
 from pipeline.schema import ConfigError
 
@@ -56,14 +55,6 @@ def check_encoded_size(shards: ShardSet, budget_bytes: int) -> None:
         )
 
 
-def _decoded_chunk(samples: list[tuple[list[torch.Tensor], int, int]]) -> tuple[torch.Tensor, ...]:
-    """A worker's chunk as four tensors: each tensor a worker returns travels as one shared-memory file
-    descriptor, held open while it lives, so a tensor per image would exhaust `ulimit -n` on a large split."""
-    images, sizes = pad_images([s[0][0] for s in samples])
-    labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
-    return images, sizes, labels, torch.tensor(sum(s[2] for s in samples))
-
-
 def decode_resident(
     shards: ShardSet, *, device: torch.device, budget_bytes: int, num_workers: int
 ) -> ResidentImages:
@@ -73,17 +64,17 @@ def decode_resident(
     n = shards.num_samples
     dataset = ShardSamples(shards, [torch.nn.Identity()], seed=0, seeded=False)
     chunks = [[(i, 0) for i in range(lo, min(n, lo + DECODE_CHUNK))] for lo in range(0, n, DECODE_CHUNK)]
-    loader = DataLoader(dataset, batch_sampler=chunks, num_workers=num_workers, collate_fn=_decoded_chunk)
+    loader = DataLoader(dataset, batch_sampler=chunks, num_workers=num_workers, collate_fn=padded_batch)
     decoded: list[torch.Tensor] = []
     sizes: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
+    labels: list[torch.Tensor | None] = []
     replaced = height = width = 0
     for images, chunk_sizes, chunk_labels, skipped in loader:
         # private copies, so that each shared segment (and its descriptor) goes with the loop variable
         decoded.append(images.clone())
         sizes.append(chunk_sizes.clone())
-        labels.append(chunk_labels.clone())
-        replaced += int(skipped)
+        labels.append(None if chunk_labels is None else chunk_labels.clone())
+        replaced += skipped
         height, width = max(height, images.shape[2]), max(width, images.shape[3])  # chunks are padded
         if n * 3 * height * width > budget_bytes:
             raise OverBudget(
@@ -96,10 +87,9 @@ def decode_resident(
     for images in decoded:
         padded[start : start + len(images), :, : images.shape[2], : images.shape[3]] = images
         start += len(images)
-    label_tensor = torch.cat(labels)
     return ResidentImages(
         images=padded.to(device),
         sizes=torch.cat(sizes),
-        labels=None if bool((label_tensor < 0).any()) else label_tensor.to(device),
+        labels=None if any(y is None for y in labels) else torch.cat(labels).to(device),
         replaced_samples=replaced,
     )

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.data import sampling
+from pipeline.data.batch_augment import pad_images
 from pipeline.data.shards import VERIFY_HINT, SampleReader, ShardSet, UnreadableShards
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,17 @@ class Collate:
         ]
         labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
         return views, (None if bool((labels < 0).any()) else labels), sum(s[2] for s in samples)
+
+
+def padded_batch(
+    samples: list[tuple[list[torch.Tensor], int, int]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """`collate_fn` of one-view `ShardSamples` in workers: (images zero-padded to the largest, their sizes,
+    labels or None when unlabelled, samples replaced). A few tensors per batch, not one per image: each
+    tensor a worker returns holds a shared-memory file descriptor while it lives."""
+    images, sizes = pad_images([s[0][0] for s in samples])
+    labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+    return images, sizes, (None if bool((labels < 0).any()) else labels), sum(s[2] for s in samples)
 
 
 def init_worker(_worker_id: int) -> None:

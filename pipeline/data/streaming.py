@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.data.batch_augment import pad_images
-from pipeline.data.samples import ShardSamples, init_worker
+from pipeline.data.samples import ShardSamples, init_worker, padded_batch
 from pipeline.data.shards import SampleReader, ShardSet
 
 JPEG_MAGIC = b"\xff\xd8"
@@ -48,12 +48,6 @@ def _encoded_batch(samples: list[tuple[int, torch.Tensor, int]]) -> tuple[torch.
     return torch.tensor(ids), torch.cat(data), lengths, torch.tensor(labels, dtype=torch.int64)
 
 
-def _decoded_batch(samples: list[tuple[list[torch.Tensor], int, int]]) -> StreamBatch:
-    images, sizes = pad_images([s[0][0] for s in samples])
-    labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
-    return images, sizes, (None if bool((labels < 0).any()) else labels), sum(s[2] for s in samples)
-
-
 class StreamingSource:
     """Iterating yields one StreamBatch on `device` per list of (sample id, epoch) from `sampler`."""
 
@@ -77,7 +71,7 @@ class StreamingSource:
             EncodedSamples(shards) if self.decode_on_device else self.fallback,
             batch_sampler=sampler,
             num_workers=num_workers,
-            collate_fn=_encoded_batch if self.decode_on_device else _decoded_batch,
+            collate_fn=_encoded_batch if self.decode_on_device else padded_batch,
             pin_memory=self.decode_on_device and device.type == "cuda",
             persistent_workers=num_workers > 0,
             prefetch_factor=prefetch if num_workers > 0 else None,
