@@ -24,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from ports import free_port
-from runs import checkpoint_step, step_rows, world_size_of
+from run_outputs import checkpoint_step, step_rows, world_size_of
 
 from launch.k8s.__main__ import main as k8s_main
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from ports import free_port
-from runs import checkpoint_step, world_size_of
+from run_outputs import checkpoint_step, world_size_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from runs import step_rows
+from run_outputs import step_rows
 from test_train import ROOT, _env, _overrides, _tiny, _train_cmd, _train_here, _wait_for
 
 NO_WANDB = "logging.wandb.mode=disabled"

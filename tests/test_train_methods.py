@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import metrics_rows
+from run_outputs import metrics_rows
 
 from pipeline.engine.checkpoint import load_for_eval
 
