@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+
 from ports import free_port
 
 # What every rank needs before its first check; torch._dynamo is what DDP's first construction imports.

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import fsspec
 import fsspec.config
 from moto.server import ThreadedMotoServer
+
 from ports import free_port
 
 ACCESS_KEY = "testing"

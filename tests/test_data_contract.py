@@ -8,11 +8,12 @@ import pickle
 
 import pytest
 import torch
-from loader_presets import IDENTITY
 
 from pipeline.data import DataConfig, build_loader
 from pipeline.data.contract import TrainLoader
 from pipeline.data.loader import BACKENDS
+
+from loader_presets import IDENTITY
 
 BATCH = 48  # 2 ranks x 48 does not divide the 500 samples: 5 batches per rank, 20 samples dropped
 

@@ -10,10 +10,11 @@ import time
 
 import pytest
 import torch
-from loader_presets import IDENTITY, damaged_first_shard, take_batches
 
 from pipeline.data import DataConfig, build_eval_loader, build_loader
 from pipeline.data.shards import load_shard_set
+
+from loader_presets import IDENTITY, damaged_first_shard, take_batches
 
 
 def _cfg(shards, **kw) -> DataConfig:

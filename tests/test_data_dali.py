@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from loader_presets import IDENTITY, PLAIN, damaged_first_shard, pixel_digest
 from PIL import Image
 
 from data_prep.__main__ import main as data_prep_main
 from pipeline.data import AugmentConfig, DataConfig, build_eval_loader, build_loader
+
+from loader_presets import IDENTITY, PLAIN, damaged_first_shard, pixel_digest
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from loader_presets import IDENTITY, PLAIN, damaged_first_shard, pixel_digest, take_batches
 from PIL import Image
-from ranks import run_ranks
 
 from data_prep.__main__ import main as data_prep_main
 from pipeline.config import ConfigError
 from pipeline.data import AugmentConfig, DataConfig, build_eval_loader, build_loader
 from pipeline.methods import METHODS
+
+from loader_presets import IDENTITY, PLAIN, damaged_first_shard, pixel_digest, take_batches
+from ranks import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 

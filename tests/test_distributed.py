@@ -12,7 +12,6 @@ import dataclasses
 import pytest
 import torch
 import torch.distributed as dist
-from ranks import run_ranks
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import distributed as pd
@@ -20,6 +19,8 @@ from pipeline.losses import info_nce, mined_triplet, moco_info_nce, sinkhorn_kno
 from pipeline.methods.config import MoCoV2Config
 from pipeline.methods.mocov2 import MoCoV2
 from pipeline.models import HeadConfig, ModelConfig
+
+from ranks import run_ranks
 
 TEMPERATURE = 0.1
 LOCAL_BATCH = 3

@@ -161,9 +161,9 @@ def _eval_rank(rank: int, world: int, cfg, out: str) -> None:
 def test_online_eval_on_two_ranks_equals_one_process(sample_val_shards: Path, tmp_path: Path) -> None:
     """2 gloo ranks each extract half of the bank and the queries; gathered in sample order, kNN top-1
     and embedding std equal one process's over the same data."""
-    from ranks import run_ranks
-
     from pipeline.engine.online_eval import evaluate
+
+    from ranks import run_ranks
 
     shards = str(sample_val_shards)
     paths = [f"data.train_shards={shards}", f"data.val_shards={shards}", f"run.output_dir={tmp_path}"]

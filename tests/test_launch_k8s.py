@@ -23,10 +23,11 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from ports import free_port
-from run_outputs import checkpoint_step, step_rows, world_size_of
 
 from launch.k8s.__main__ import main as k8s_main
+
+from ports import free_port
+from run_outputs import checkpoint_step, step_rows, world_size_of
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "launch" / "k8s" / "examples"

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from ports import free_port
 from run_outputs import checkpoint_step, world_size_of
 

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from ranks import run_ranks
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import ConfigError
@@ -23,6 +22,8 @@ from pipeline.methods.momentum import MomentumEncoder, momentum_at
 from pipeline.methods.simclr import SimCLR
 from pipeline.methods.views import crop_pairs
 from pipeline.models import HeadConfig, ModelConfig, build_backbone
+
+from ranks import run_ranks
 
 TINY = ModelConfig(backbone="tiny", projector=HeadConfig(hidden_dim=32, output_dim=16))
 MOMENTUM_METHODS = {"mocov2", "mocov3", "byol", "dino"}

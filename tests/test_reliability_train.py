@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from run_outputs import step_rows
 from test_train import ROOT, _env, _overrides, _tiny, _train_cmd, _train_here, _wait_for
+
+from run_outputs import step_rows
 
 NO_WANDB = "logging.wandb.mode=disabled"
 

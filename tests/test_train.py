@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_outputs import metrics_rows, step_rows
 
 from pipeline.engine.checkpoint import load_for_eval
+
+from run_outputs import metrics_rows, step_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))

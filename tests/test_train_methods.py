@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_outputs import metrics_rows
 
 from pipeline.engine.checkpoint import load_for_eval
+
+from run_outputs import metrics_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 MULTICROP = ["data.local_crops=2", "data.local_image_size=16"]
