@@ -1,4 +1,4 @@
-"""The composed run config: one YAML file + dotted overrides -> `Config`, checked before anything runs.
+"""The composed run config: YAML file(s) + dotted overrides -> `Config`, checked before anything runs.
 
 The top of the config layers: each section's dataclass lives next to its component and imports only the
 leaf `pipeline.schema` (parsing, bounds, `ConfigError`); this module puts the sections together and checks
@@ -26,7 +26,7 @@ from pipeline.schema import (
     Section,
     apply_override,
     build,
-    read_yaml,
+    compose,
     to_dict,
     unknown,
 )
@@ -67,9 +67,11 @@ class Config:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
-def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read YAML at `path` (or start empty), apply `key.sub=value` overrides, build and validate."""
-    raw: dict[str, Any] = {} if path is None else read_yaml(Path(path))
+def load(path: str | Path | list[str | Path] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Compose the YAML file(s) at `path` (several are merged in order, each after its `defaults:`; None
+    starts empty), apply `key.sub=value` overrides, build and validate."""
+    paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
+    raw: dict[str, Any] = compose([Path(p) for p in paths])
     for item in overrides:
         apply_override(raw, item)
     cfg = from_dict(raw)

@@ -7,12 +7,14 @@ run config (`pipeline.config`) sits on top of them. What is here:
   (unknown keys name the closest valid one);
 - `Bound` and `Section`: numeric bounds declared on the field (`epochs: Annotated[int, Bound(ge=1)]`),
   checked when a section is constructed, so a mistake fails the same way from YAML, an override or Python;
-- `read_yaml`, `apply_override` (`a.b.c=value`) and `to_dict` (back to plain YAML/JSON values).
+- `compose` (config files merged in order, each after its `defaults:` list), `read_yaml`,
+  `apply_override` (`a.b.c=value`) and `to_dict` (back to plain YAML/JSON values).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import json
@@ -21,6 +23,9 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
+
+# The key that lists a file's base configs (`defaults:` as Hydra writes it, or `base:`).
+BASE_KEYS = ("defaults", "base")
 
 
 class ConfigError(ValueError):
@@ -248,6 +253,57 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     return raw
+
+
+def compose(paths: list[Path]) -> dict[str, Any]:
+    """The mapping `paths` give merged in order, each file after the bases its `defaults:` lists."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        merge(merged, _compose_file(Path(path), ()))
+    return merged
+
+
+def _compose_file(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """`path`'s bases merged in their listed order, then `path`'s own keys; `chain` is the files that
+    include it (a cycle through them is refused)."""
+    here = path.resolve()
+    if here in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(here) :], here))
+        raise ConfigError(f"config files include each other: {cycle}; remove one from its defaults list")
+    raw = read_yaml(path)
+    listed = [key for key in BASE_KEYS if key in raw]
+    if len(listed) > 1:
+        raise ConfigError(f"{path}: list its bases under one of defaults: or base:, not both")
+    bases = raw.pop(listed[0]) if listed else []
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: {listed[0]} must be a list of config files relative to it, got {bases!r}")
+    merged: dict[str, Any] = {}
+    for name in bases:
+        merge(merged, _compose_file(_base_path(path, name), (*chain, here)))
+    merge(merged, raw)
+    return merged
+
+
+def _base_path(path: Path, name: str) -> Path:
+    """`name` relative to the folder of `path`, which lists it; `.yaml` may be left out, as in Hydra."""
+    base = path.parent / name
+    if not base.suffix:
+        base = base.with_name(base.name + ".yaml")
+    if not base.is_file():
+        raise ConfigError(
+            f"{path}: base config '{name}' not found at {base}; list files relative to {path.parent}"
+        )
+    return base
+
+
+def merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+    """Merge `other` into `into`: mappings key by key, anything else (a value, a list, null) replaces."""
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from pipeline.config import load
+from pipeline.config import load, to_dict
 from pipeline.schema import ConfigError
 
 EXAMPLES = """examples:
@@ -24,6 +24,7 @@ EXAMPLES = """examples:
       data.train_shards=s3://bucket/imagenet checkpoint.dir=s3://bucket/runs/simclr/checkpoints
   python -m pipeline.train --config configs/imagenet_mocov2.yaml train.engine=deepspeed \\
       train.deepspeed_config=configs/deepspeed/zero1.json optim.name=sgd
+  python -m pipeline.train --config configs/cifar10_simclr.yaml --config my_cluster.yaml --print-config
 """
 
 
@@ -34,7 +35,15 @@ def main(argv: list[str] | None = None) -> int:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", required=True, help="YAML file (see configs/)")
+    parser.add_argument(
+        "--config",
+        required=True,
+        action="append",
+        help="YAML file (see configs/); repeat to merge several in order, later files winning",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, YAML values")
     args = parser.parse_args(argv)
     try:
@@ -42,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
 
     from pipeline.data.shards import UnreadableShards
     from pipeline.distributed import leave_process_group

@@ -3,7 +3,6 @@ merged in order, cycles and missing bases refused in one line, `--print-config`.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ def _leaves(d: dict, prefix: str = "") -> dict[str, object]:
 def test_bases_merge_in_order_then_the_file_mappings_deep_lists_and_null_replace(tmp_path: Path) -> None:
     _write(tmp_path / "b/one.yaml", "data: {batch_size: 8, augment: {blur_p: [0.5, 0.1], hue: 0.1}}\nx: 1\n")
     _write(tmp_path / "b/two.yaml", "data: {batch_size: 16, val_shards: v}\ny: [1, 2]\n")
-    top = _write(tmp_path / "top.yaml", "defaults: [b/one.yaml, b/two]\ndata: {augment: {blur_p: [0.0]}}\n")
+    _write(tmp_path / "top.yaml", "defaults: [b/one.yaml, b/two]\ndata: {augment: {blur_p: [0.0]}}\n")
     top2 = _write(tmp_path / "top2.yaml", "base: top.yaml\ndata: {val_shards: null}\ny: [3]\n")
     assert compose([top2]) == {
         "data": {"batch_size": 16, "augment": {"blur_p": [0.0], "hue": 0.1}, "val_shards": None},
@@ -55,16 +54,16 @@ def test_several_configs_merge_in_order_the_last_winning(tmp_path: Path) -> None
     assert load([debug, cluster], [*SHARDS, "data.batch_size=4"]).data.batch_size == 4  # then overrides
 
 
-def test_bases_resolve_relative_to_the_listing_file_not_the_working_dir(tmp_path: Path) -> None:
-    method = _write(tmp_path / "mine" / "simclr.yaml", "defaults: [../../cifar10_simclr.yaml]\n")
-    # the shipped base chain (configs/cifar10_simclr.yaml -> base/cifar10_simclr_views.yaml -> cifar10.yaml)
-    _write(tmp_path / "cifar10_simclr.yaml", f"defaults: [{ROOT / 'configs' / 'cifar10_simclr.yaml'}]\n")
-    code = f"from pipeline.config import load; print(load({str(method)!r}, {SHARDS!r}).run.name)"
-    elsewhere = tmp_path / "mine"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "cifar10_simclr"
+def test_bases_resolve_relative_to_the_listing_file_not_the_working_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    top = _write(tmp_path / "mine" / "top.yaml", "defaults: [../lower/mid.yaml]\n")
+    _write(tmp_path / "lower" / "mid.yaml", "defaults: [leaf]\n")  # lower/leaf.yaml, `.yaml` left out
+    _write(tmp_path / "lower" / "leaf.yaml", "x: from lower\n")
+    _write(tmp_path / "mine" / "leaf.yaml", "x: a decoy in the working dir\n")
+    monkeypatch.chdir(tmp_path / "mine")
+    assert compose([Path("top.yaml")]) == {"x": "from lower"}
+    assert compose([top]) == {"x": "from lower"}
 
 
 def test_cycles_missing_and_malformed_bases_are_refused_in_one_line(tmp_path: Path) -> None:
@@ -91,7 +90,9 @@ def test_cycles_missing_and_malformed_bases_are_refused_in_one_line(tmp_path: Pa
     with pytest.raises(ConfigError, match=r"both.yaml: list its bases under one of defaults: or base:"):
         compose([both])
     hydra_group = _write(tmp_path / "group.yaml", "defaults:\n  - dataset: cifar10\n")
-    with pytest.raises(ConfigError, match=r"group.yaml: defaults must be a list of config files relative to it"):
+    with pytest.raises(
+        ConfigError, match=r"group.yaml: defaults must be a list of config files relative to it"
+    ):
         compose([hydra_group])
 
 
@@ -115,7 +116,6 @@ def test_cli_merges_repeated_config_and_prints_the_resolved_yaml(
     assert printed == to_dict(load([argv[1], cluster], [*SHARDS, "train.epochs=7"]))
     assert printed["method"]["negatives"] == "hard" and printed["data"]["num_workers"] == 3
     assert printed["data"]["augment"]["crop_scale"] == [0.08, 1.0]  # from base/cifar10_simclr_views.yaml
-    assert not (ROOT / "runs" / "cifar10_simclr_hard").exists() or True  # nothing is run: see below
 
     cycle = _write(tmp_path / "loop.yaml", "base: loop.yaml\n")
     assert main(["--config", str(cycle), "--print-config"]) == 2
@@ -127,7 +127,8 @@ def test_print_config_runs_nothing_and_imports_no_torch(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from pipeline.train import main\n"
-        f"status = main(['--config', 'configs/cifar10_dino.yaml', '--print-config', 'run.output_dir={tmp_path}/r'])\n"
+        f"argv = ['--config', 'configs/cifar10_dino.yaml', '--print-config', 'run.output_dir={tmp_path}/r']\n"
+        "status = main(argv)\n"
         "print(status, sorted(m for m in ('torch', 'timm', 'deepspeed') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
