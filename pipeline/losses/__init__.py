@@ -7,9 +7,12 @@ even under bf16 autocast.
 
 from pipeline.losses.barlow_twins import barlow_twins
 from pipeline.losses.byol import byol
+from pipeline.losses.dcl import dcl
 from pipeline.losses.dino import dino_loss
 from pipeline.losses.info_nce import info_nce
 from pipeline.losses.moco import moco_info_nce
+from pipeline.losses.nnclr import nearest_neighbours, nnclr
+from pipeline.losses.simsiam import simsiam
 from pipeline.losses.supcon import supcon
 from pipeline.losses.swav import sinkhorn_knopp, swav_loss
 from pipeline.losses.triplet import batch_hard_triplet, mined_triplet, triplet
@@ -19,10 +22,14 @@ __all__ = [
     "barlow_twins",
     "batch_hard_triplet",
     "byol",
+    "dcl",
     "dino_loss",
     "info_nce",
     "mined_triplet",
     "moco_info_nce",
+    "nearest_neighbours",
+    "nnclr",
+    "simsiam",
     "sinkhorn_knopp",
     "supcon",
     "swav_loss",

@@ -161,7 +161,9 @@ class DINOConfig(MethodConfig):
 class SwAVConfig(MethodConfig):
     """Defaults are the paper's ImageNet settings (batch 4096: 313 steps = one epoch of frozen
     prototypes). queue_size: past global-batch embeddings per global crop used in Sinkhorn, a multiple
-    of the global batch (0: no queue); gather: Sinkhorn over the global batch (else each rank's own)."""
+    of the global batch (0: no queue); gather: Sinkhorn over the global batch (else each rank's own);
+    queue_start_step: the queue starts filling at this optimizer step (the official epoch_queue_starts
+    times steps per epoch: 15 epochs on ImageNet), and joins Sinkhorn once full."""
 
     name: str = "swav"
     num_prototypes: Annotated[int, Bound(ge=1)] = 3000
@@ -171,6 +173,7 @@ class SwAVConfig(MethodConfig):
     freeze_prototypes_steps: Annotated[int, Bound(ge=0)] = 313
     queue_size: Annotated[int, Bound(ge=0)] = 0
     gather: bool = True
+    queue_start_step: Annotated[int, Bound(ge=0)] = 0
 
     @property
     def edits_gradients(self) -> bool:
@@ -186,6 +189,39 @@ class TripletConfig(MethodConfig):
     name: str = "triplet"
     margin: Annotated[float, Bound(gt=0, le=2)] = 0.5
     mining: Literal["hard", "semi-hard"] = "semi-hard"
+    gather: bool = True
+
+
+@dataclass(frozen=True)
+class NNCLRConfig(MethodConfig):
+    """Defaults are the paper's: temperature 0.1, a support set of queue_size past projections of the
+    first global crop (98,304 on ImageNet at batch 4096). gather: the other view's predictions from
+    every rank as candidates (else only the local batch); the support set is filled from the global
+    batch either way, identical on every rank."""
+
+    name: str = "nnclr"
+    temperature: Positive = 0.1
+    queue_size: Annotated[int, Bound(gt=0)] = 98304
+    gather: bool = True
+
+
+@dataclass(frozen=True)
+class SimSiamConfig(MethodConfig):
+    """No settings of its own: SimSiam is its heads (model.projector, model.predictor) and the
+    stop-gradient."""
+
+    name: str = "simsiam"
+
+
+@dataclass(frozen=True)
+class DCLConfig(MethodConfig):
+    """weighting: none (DCL) | vmf (DCLW: the positive term weighted by the negative von Mises-Fisher
+    weight of width sigma); gather: negatives from every rank (else only the local batch)."""
+
+    name: str = "dcl"
+    temperature: Positive = 0.1
+    weighting: Literal["none", "vmf"] = "none"
+    sigma: Positive = 0.5
     gather: bool = True
 
 

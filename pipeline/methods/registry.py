@@ -11,10 +11,13 @@ from typing import TYPE_CHECKING
 from pipeline.methods.barlow_twins import BarlowTwins
 from pipeline.methods.base import Method
 from pipeline.methods.byol import BYOL
+from pipeline.methods.dcl import DCL
 from pipeline.methods.dino import DINO
 from pipeline.methods.mocov2 import MoCoV2
 from pipeline.methods.mocov3 import MoCoV3
+from pipeline.methods.nnclr import NNCLR
 from pipeline.methods.simclr import SimCLR
+from pipeline.methods.simsiam import SimSiam
 from pipeline.methods.supcon import SupCon
 from pipeline.methods.swav import SwAV
 from pipeline.methods.triplet import Triplet
@@ -34,6 +37,9 @@ METHODS: dict[str, type[Method]] = {
     "dino": DINO,
     "swav": SwAV,
     "triplet": Triplet,
+    "nnclr": NNCLR,
+    "simsiam": SimSiam,
+    "dcl": DCL,
 }
 
 

@@ -6,9 +6,10 @@ crops only; every crop is a predictor.
 
 As in the official code: prototypes are L2-normalised after every update, get no update for the first
 `freeze_prototypes_steps` steps, and an optional queue of past embeddings of the global crops joins the
-batch in Sinkhorn (for small batches) once it is full. The queue is kept identical on every rank
-(embeddings all-gathered) and each rank puts its own samples' rows into Sinkhorn, so a checkpoint of
-rank 0 restores every rank.
+batch in Sinkhorn (for small batches) once it is full; it starts filling at `queue_start_step` (the
+official epoch_queue_starts), counted by a saved clock, so a resumed run starts it at the same step as
+an uninterrupted one. The queue is kept identical on every rank (embeddings all-gathered) and each rank
+puts its own samples' rows into Sinkhorn, so a checkpoint of rank 0 restores every rank.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class SwAV(ProjectedEncoder):
         self.register_buffer("queue", torch.zeros(2, cfg.queue_size, dim))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("queue_full", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # the queue start's clock
 
     def forward(
         self, views: list[torch.Tensor], labels: torch.Tensor | None = None
@@ -53,9 +55,18 @@ class SwAV(ProjectedEncoder):
                     s = torch.cat([self._queue_share(g, len(s)) @ self.prototypes.weight.T, s])
                 q = sinkhorn_knopp(s, c.epsilon, c.sinkhorn_iterations, gather=c.gather)
                 codes.append(q[-len(z[g]) :])  # this batch's rows
-            if c.queue_size:
+            if c.queue_size and self._queue_started():
                 self._enqueue(z[: len(global_crops)])
         return swav_loss(scores, codes, c.temperature), {}
+
+    def _queue_started(self) -> bool:
+        """Whether this step's embeddings enter the queue (a host read only when its start is delayed)."""
+        return self.cfg.queue_start_step == 0 or int(self.steps_done) >= self.cfg.queue_start_step
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A checkpoint from before queue_start_step has no clock; its run's queue started at step 0.
+        state_dict.setdefault(prefix + "steps_done", torch.zeros((), dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _queue_share(self, g: int, b: int) -> torch.Tensor:
         """This rank's rows of queue g: each enqueued global batch holds rank r's b rows at [r b, (r+1) b)."""
@@ -90,4 +101,5 @@ class SwAV(ProjectedEncoder):
 
     def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
         self._normalise_prototypes()
+        self.steps_done.fill_(step + 1)
         return {}
