@@ -28,9 +28,11 @@ def format_index(samples: list[list[tuple[str, int, int, str]]]) -> str:
     return f"{INDEX_VERSION} {len(samples)}\n" + "".join(line + "\n" for line in lines)
 
 
-def build_index(tar_file: BinaryIO) -> str:
-    """The `.idx` text for a complete tar archive, given as a seekable binary file."""
+def scan(tar_file: BinaryIO, keep: frozenset[str] = frozenset()) -> tuple[list, dict[tuple[str, str], bytes]]:
+    """One pass over a tar: its samples as `format_index` takes them, and the bytes of every member whose
+    extension is in `keep` (small members such as `cls` or `json`), keyed by (basename, extension)."""
     samples: list[list[tuple[str, int, int, str]]] = []
+    kept: dict[tuple[str, str], bytes] = {}
     last_basename = None
     with tarfile.open(fileobj=tar_file, mode="r:") as tar:
         for member in tar:
@@ -45,4 +47,11 @@ def build_index(tar_file: BinaryIO) -> str:
                 last_basename = basename
             else:
                 samples[-1].append(component)
-    return format_index(samples)
+            if extension in keep:
+                kept[basename, extension] = tar.extractfile(member).read()
+    return samples, kept
+
+
+def build_index(tar_file: BinaryIO) -> str:
+    """The `.idx` text for a complete tar archive, given as a seekable binary file."""
+    return format_index(scan(tar_file)[0])

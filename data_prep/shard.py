@@ -9,33 +9,33 @@ uploaded in one PUT), then a small progress record; only the record makes a shar
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import datetime
 import glob
 import hashlib
 import json
-import logging
-import multiprocessing
 import os
-import random
 import shutil
-import signal
-import sys
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
-from tqdm import tqdm
 
 from data_prep.image import Rejected, check_image
 from data_prep.index import format_index
-from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, join, write_atomic, write_manifest
-from data_prep.sources import Listing, Reader, SourceError, SourceSpec, list_source, redact
+from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, join, write_atomic
+from data_prep.parts import WHOLE, Part, PartLock, part_record_path
+from data_prep.pool import run_parallel
+from data_prep.progress import Progress
+from data_prep.sources import Reader, SourceError, SourceSpec, StreamedListing, redact, stream_listing
+from data_prep.tables import Columns
 from data_prep.tarwriter import TarWriter
 
 PROGRESS_DIR = ".data_prep-progress"
@@ -45,10 +45,6 @@ TEMP_PATTERNS = ("*.tmp", "*.tmp-*")  # a shard being written, an index/record b
 
 class OutputError(Exception):
     """OUT cannot be written (unwritable, missing bucket, bad credentials): one line for the user."""
-
-
-class WorkerDied(Exception):
-    """A worker process died mid-run; finished shards are kept and a re-run resumes."""
 
 
 @dataclass(frozen=True)
@@ -73,9 +69,9 @@ class ShardConfig:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sample:
-    key: str  # zero-padded running number within the split
+    key: str  # zero-padded running number within the split (and part)
     ref: str
     path: str
     label: int | None
@@ -88,7 +84,7 @@ class ShardTask:
     spec: SourceSpec
     out: str
     split: str
-    name: str  # "train-000000.tar"
+    name: str  # "train-000000.tar", or "train-p0003-000000.tar" for part 3 of several
     index_name: str  # "train-000000.idx"
     samples: tuple[Sample, ...]
     resize_short: int | None
@@ -98,74 +94,163 @@ class ShardTask:
 
 @dataclass(frozen=True)
 class Summary:
-    images: int  # samples in the finished dataset
+    images: int  # samples in the finished dataset (this part's, for a part)
     written_now: int  # images processed by this run (less than `images` after a resume)
     shards: int
     rejected: int
     seconds: float
     out: str
+    part: Part = WHOLE
 
     @property
     def images_per_s(self) -> float:
         return self.written_now / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
+        part = f" (part {self.part})" if self.part.count > 1 else ""
         return (
-            f"data_prep shard: {self.images} images in {self.shards} shards -> {self.out}; "
+            f"data_prep shard: {self.images} images in {self.shards} shards -> {self.out}{part}; "
             f"{self.rejected} rejected; {self.written_now} processed in {self.seconds:.1f} s "
             f"({self.images_per_s:.0f} images/s)"
         )
 
 
-def plan(listing: Listing, cfg: ShardConfig) -> list[tuple[str, list[Sample]]]:
-    """[(split, samples)] after the seeded shuffle; the first `val_fraction` of the order is `val`."""
-    order = list(range(len(listing.items)))
-    random.Random(cfg.seed).shuffle(order)
-    n_val = 0
-    if cfg.val_fraction > 0 and len(order) > 1:
-        n_val = min(len(order) - 1, max(1, round(len(order) * cfg.val_fraction)))
-    class_index = {name: i for i, name in enumerate(listing.classes)}
-    splits = [("val", order[:n_val]), ("train", order[n_val:])] if n_val else [("train", order)]
-    planned = []
-    for split, positions in sorted(splits, key=lambda s: s[0] != "train"):
-        samples = []
-        for running, pos in enumerate(positions):
-            item = listing.items[pos]
-            label = class_index[item.label] if item.label is not None else None
-            samples.append(Sample(f"{running:0{KEY_DIGITS}d}", item.ref, item.path, label))
-        planned.append((split, samples))
-    return planned
+@dataclass(frozen=True)
+class Items:
+    """This part's items, compact: 10 M refs take ~10 M x (length + 8) bytes, not a Python object each."""
+
+    spec: SourceSpec
+    refs: pa.LargeStringArray  # in listing order
+    labels: np.ndarray  # int32 class index per item; -1: unlabelled
+    classes: list[str]
+    listed: int  # items in the whole listing, every part's
 
 
-def make_tasks(listing: Listing, cfg: ShardConfig, out: str, staging: str) -> list[ShardTask]:
-    chunks = []
-    for split, samples in plan(listing, cfg):
-        for i, start in enumerate(range(0, len(samples), cfg.samples_per_shard)):
-            chunks.append((split, f"{split}-{i:06d}", tuple(samples[start : start + cfg.samples_per_shard])))
-    fingerprint = {  # redacted: a presigned URL's signature changes with each signing, not the data
-        "format": FORMAT_VERSION,
-        "spec": [listing.spec.kind, redact(listing.spec.url)],
-        "classes": listing.classes,
-        "resize_short": cfg.resize_short,
-        "shards": [
-            [stem, [[s.key, redact(s.ref), s.path, s.label] for s in samples]] for _, stem, samples in chunks
-        ],
-    }
-    plan_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-    return [
-        ShardTask(
-            listing.spec,
+def _class_list(seen: set, fixed: tuple[str, ...]) -> list[str]:
+    """Classes from the labels seen: names sorted; integer labels 0..max; a datasets ClassLabel's names."""
+    if fixed:
+        return list(fixed)
+    names = sorted(v for v in seen if isinstance(v, str))
+    ints = sorted(v for v in seen if isinstance(v, int))
+    if names and ints:
+        raise SourceError(f"labels mix integers ({ints[0]}) and class names ({names[0]!r}); use one kind")
+    if ints and ints[0] < 0:
+        raise SourceError(f"negative label {ints[0]}: integer labels must be 0..K-1")
+    return names or [str(i) for i in range(ints[-1] + 1 if ints else 0)]
+
+
+def collect(listing: StreamedListing, part: Part) -> Items:
+    """Every `part.count`-th item of the streamed listing from item `part.index`: the part's own items,
+    found without holding the others; the class list comes from every item's label."""
+    refs: list[pa.Array] = []
+    labels: list[pa.Array] = []
+    seen: set = set()
+    listed = 0
+    for batch_refs, batch_labels in listing.batches:
+        first = (part.index - listed) % part.count
+        take = pa.array(np.arange(first, len(batch_refs), part.count))
+        refs.append(pa.array(batch_refs, pa.large_string()).take(take))
+        if batch_labels is not None:
+            values = pa.array(batch_labels)
+            seen.update(v for v in pc.unique(values).to_pylist() if v is not None)
+            labels.append(values.take(take))
+        listed += len(batch_refs)
+    all_refs = pa.concat_arrays(refs) if refs else pa.array([], pa.large_string())
+    classes = _class_list(seen, listing.class_names)
+    index = np.full(len(all_refs), -1, np.int32)
+    if labels:
+        values = pa.chunked_array(labels)
+        if pa.types.is_integer(values.type):
+            index = values.fill_null(-1).to_numpy().astype(np.int32)
+        else:
+            positions = pc.index_in(values, value_set=pa.array(classes, values.type))
+            index = positions.fill_null(-1).to_numpy().astype(np.int32)
+    return Items(listing.spec, all_refs, index, classes, listed)
+
+
+@dataclass(frozen=True)
+class Slot:
+    split: str
+    stem: str  # "train-p0003-000012"
+    positions: np.ndarray  # indices into Items, in shard order
+    first: int  # the first sample's running number within its split
+
+
+@dataclass(frozen=True)
+class Plan:
+    items: Items
+    slots: list[Slot]
+    plan_id: str
+    part: Part
+
+    def task(self, slot: Slot, out: str, staging: str, resize_short: int | None) -> ShardTask:
+        """The shard's samples, built only when it is about to be written."""
+        refs = self.items.refs.take(pa.array(slot.positions)).to_pylist()
+        labels = [None if v < 0 else v for v in self.items.labels[slot.positions].tolist()]
+        prefix = f"p{self.part.index:04d}-" if self.part.count > 1 else ""
+        samples = tuple(
+            Sample(f"{prefix}{slot.first + j:0{KEY_DIGITS}d}", ref, self.items.spec.path_of(ref), label)
+            for j, (ref, label) in enumerate(zip(refs, labels, strict=True))
+        )
+        return ShardTask(
+            self.items.spec,
             out,
-            split,
-            f"{stem}.tar",
-            f"{stem}.idx",
+            slot.split,
+            f"{slot.stem}.tar",
+            f"{slot.stem}.idx",
             samples,
-            cfg.resize_short,
-            plan_id,
+            resize_short,
+            self.plan_id,
             staging,
         )
-        for split, stem, samples in chunks
-    ]
+
+
+def _plan_id(items: Items, cfg: ShardConfig, part: Part) -> str:
+    """Names what the plan is a function of. Refs are redacted: a presigned URL's signature changes with
+    each signing, not the data."""
+    digest = hashlib.sha256()
+    options = {
+        "format": FORMAT_VERSION,
+        "spec": [items.spec.kind, redact(items.spec.url)],
+        "classes": items.classes,
+        "listed": items.listed,
+        "part": [part.index, part.count],
+        "samples_per_shard": cfg.samples_per_shard,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        "resize_short": cfg.resize_short,
+    }
+    digest.update(json.dumps(options, sort_keys=True).encode())
+    for start in range(0, len(items.refs), 65536):
+        refs = items.refs.slice(start, 65536).to_pylist()
+        digest.update("".join((redact(r) if "?" in r or "#" in r else r) + "\n" for r in refs).encode())
+    digest.update(items.labels.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def make_plan(items: Items, cfg: ShardConfig, part: Part = WHOLE) -> Plan:
+    """The seeded shuffle of the part's items; the first `val_fraction` of the order is `val`. Rows of a
+    table that holds the images keep their table order (a shuffle would read the table at random; the
+    training loader shuffles), with a seeded random choice of rows held out for `val`."""
+    n = len(items.refs)
+    n_val = 0
+    if cfg.val_fraction > 0 and n > 1:
+        n_val = min(n - 1, max(1, round(n * cfg.val_fraction)))
+    rng = np.random.default_rng(cfg.seed)
+    if items.spec.kind == "table":
+        val = np.sort(rng.choice(n, n_val, replace=False)) if n_val else np.empty(0, np.int64)
+        keep = np.ones(n, bool)
+        keep[val] = False
+        train = np.flatnonzero(keep)
+    else:
+        order = rng.permutation(n)
+        val, train = order[:n_val], order[n_val:]
+    slots = []
+    for split, positions in [("train", train), ("val", val)] if n_val else [("train", train)]:
+        for i, start in enumerate(range(0, len(positions), cfg.samples_per_shard)):
+            stem = f"{split}{part.tag}-{i:06d}"
+            slots.append(Slot(split, stem, positions[start : start + cfg.samples_per_shard], start))
+    return Plan(items, slots, _plan_id(items, cfg, part), part)
 
 
 class _Hashing:
@@ -190,7 +275,9 @@ def write_shard(task: ShardTask, reader: Reader | None = None) -> dict:
     payloads = reader.read_many([s.ref for s in task.samples])
     fs, root = url_to_fs(task.out)
     local = isinstance(fs, LocalFileSystem)
-    tmp = os.path.join(root if local else task.staging, f"{task.name}.tmp")
+    # a name of this writer's own: another writer of the same shard (refused by the part lock, or not
+    # locked out on a file system without flock) can never rename or delete this one's half-written tar
+    tmp = os.path.join(root if local else task.staging, f"{task.name}.tmp-{uuid.uuid4().hex[:8]}")
     rejected: list[dict] = []
     index: list[list[tuple[str, int, int, str]]] = []  # per sample: (extension, data offset, size, name)
     digest = hashlib.sha256()
@@ -267,7 +354,7 @@ def _prepare_output(out: str) -> tuple[fsspec.AbstractFileSystem, str]:
         root = root.rstrip("/") or "/"
         if isinstance(fs, LocalFileSystem):
             os.makedirs(os.path.join(root, PROGRESS_DIR), exist_ok=True)
-        probe = join(root, f"{PROGRESS_DIR}/write-probe")
+        probe = join(root, f"{PROGRESS_DIR}/write-probe-{uuid.uuid4().hex[:8]}")  # parts probe at once
         write_atomic(fs, probe, b"")
         fs.rm_file(probe)
         return fs, root
@@ -276,20 +363,27 @@ def _prepare_output(out: str) -> tuple[fsspec.AbstractFileSystem, str]:
         raise OutputError(redact(line)) from None
 
 
-def _previous_manifest(fs: fsspec.AbstractFileSystem, root: str, plan_id: str) -> dict | None:
-    """The manifest of a finished run of this same plan, if any. A stale manifest (another plan) is
-    removed before any shard is rewritten, so OUT never looks complete while it changes."""
-    path = join(root, MANIFEST_NAME)
+def _result_path(root: str, part: Part) -> str:
+    """Where a finished run leaves its result: manifest.json, or the part's record for `merge`."""
+    return join(root, MANIFEST_NAME) if part.count == 1 else part_record_path(root, part)
+
+
+def _previous_result(fs: fsspec.AbstractFileSystem, root: str, plan: Plan) -> dict | None:
+    """The result of a finished run of this same plan, if any. A stale one (another plan) is removed
+    before any shard is rewritten, so OUT never looks complete while it changes."""
+    path = _result_path(root, plan.part)
     if not fs.exists(path):
         return None
-    manifest = json.loads(fs.cat_file(path))
-    if manifest.get("plan") == plan_id:
-        return manifest
+    result = json.loads(fs.cat_file(path))
+    if result.get("plan") == plan.plan_id:
+        return result
     fs.rm_file(path)
+    if plan.part.count > 1 and fs.exists(join(root, MANIFEST_NAME)):
+        fs.rm_file(join(root, MANIFEST_NAME))  # the merged manifest included the stale part
     return None
 
 
-def _finished(fs: fsspec.AbstractFileSystem, root: str, tasks: list[ShardTask]) -> dict[str, dict]:
+def _finished(fs: fsspec.AbstractFileSystem, root: str, plan: Plan) -> dict[str, dict]:
     """Progress records of shards an interrupted run of this plan already published (two listings,
     not a request per shard: OUT may be an object store)."""
     progress = join(root, PROGRESS_DIR)
@@ -297,145 +391,125 @@ def _finished(fs: fsspec.AbstractFileSystem, root: str, tasks: list[ShardTask]) 
     recorded = {p.rsplit("/", 1)[-1] for p in fs.find(progress)}
     sizes = {p.rsplit("/", 1)[-1]: e["size"] for p, e in fs.find(root, maxdepth=1, detail=True).items()}
     done = {}
-    for task in tasks:
-        if f"{task.name}.json" not in recorded:
+    for slot in plan.slots:
+        name = f"{slot.stem}.tar"
+        if f"{name}.json" not in recorded:
             continue
-        record = json.loads(fs.cat_file(join(progress, f"{task.name}.json")))
+        record = json.loads(fs.cat_file(join(progress, f"{name}.json")))
         shard = record["shard"]
         published = shard["samples"] == 0 or (
-            task.index_name in sizes and sizes.get(task.name) == shard["bytes"]
+            f"{slot.stem}.idx" in sizes and sizes.get(name) == shard["bytes"]
         )
-        if record.get("plan") == task.plan_id and published:
-            done[task.name] = record
+        if record.get("plan") == plan.plan_id and published:
+            done[name] = record
     return done
 
 
-class _AbandonedTasks(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Task exception was never retrieved")
-
-
-def quiet_abandoned_tasks() -> None:
-    """A store lost mid-request leaves aiohttp tasks behind; asyncio logs each one (a dozen lines of
-    traceback) when it is collected, burying the one line that says what happened."""
-    logging.getLogger("asyncio").addFilter(_AbandonedTasks())
-
-
-def _worker_init(parent_pid: int) -> None:
-    """Pool initializer: a worker must not outlive the run, even when the parent is SIGKILLed
-    (Linux: PR_SET_PDEATHSIG; elsewhere the parent's own shutdown still ends its workers)."""
-    quiet_abandoned_tasks()
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died before the line above took effect
-        os._exit(1)
-
-
-def _stop_workers() -> None:
-    """Interrupted: end the pool's workers now instead of letting them finish their shards."""
-    for process in multiprocessing.active_children():
-        process.terminate()
-    for process in multiprocessing.active_children():
-        process.join(timeout=10)
-
-
-def _remove_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> None:
-    """Temp files of an interrupted or killed run (never part of a published shard)."""
-    if isinstance(fs, LocalFileSystem):
-        for folder in (root, os.path.join(root, PROGRESS_DIR)):
-            for pattern in TEMP_PATTERNS:
-                for leftover in glob.glob(os.path.join(glob.escape(folder), pattern)):
-                    os.remove(leftover)
-
-
-def _run_tasks(tasks: list[ShardTask], workers: int, on_done: Callable[[ShardTask, dict], None]) -> None:
-    if not tasks:
+def _remove_temporaries(fs: fsspec.AbstractFileSystem, root: str, part: Part) -> None:
+    """Temp files of this part's interrupted or killed runs (never part of a published shard); other
+    parts' are theirs to remove."""
+    if not isinstance(fs, LocalFileSystem):
         return
-    if workers == 1:
-        reader = Reader(tasks[0].spec)
-        try:
-            for task in tasks:
-                on_done(task, write_shard(task, reader))
-        finally:
-            reader.close()
+    prefix = f"*{part.tag}-*" if part.count > 1 else "*"
+    for folder in (root, os.path.join(root, PROGRESS_DIR)):
+        for pattern in TEMP_PATTERNS:
+            for leftover in glob.glob(os.path.join(glob.escape(folder), prefix + pattern.lstrip("*"))):
+                os.remove(leftover)
+
+
+def _remove_records(fs: fsspec.AbstractFileSystem, root: str, plan: Plan) -> None:
+    """A finished run's progress records: the whole folder for a run in one part, else only this
+    part's (the other parts may still be running)."""
+    progress = join(root, PROGRESS_DIR)
+    if plan.part.count == 1:
+        fs.rm(progress, recursive=True)
         return
-    # spawn, not fork: the parent may hold s3fs event-loop threads that a forked child would inherit
-    ctx = multiprocessing.get_context("spawn")
-    pool_args = {"mp_context": ctx, "initializer": _worker_init, "initargs": (os.getpid(),)}
-    with cf.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), **pool_args) as pool:
-        futures = {pool.submit(write_shard, t): t for t in tasks}
-        try:
-            for future in cf.as_completed(futures):
-                on_done(futures[future], future.result())
-        except cf.process.BrokenProcessPool as e:
-            raise WorkerDied(str(e)) from None
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            _stop_workers()
-            raise
+    fs.invalidate_cache(progress)
+    recorded = {p.rsplit("/", 1)[-1] for p in fs.find(progress)}
+    mine = [join(progress, f"{s.stem}.tar.json") for s in plan.slots if f"{s.stem}.tar.json" in recorded]
+    if mine:
+        fs.rm(mine)
 
 
-def shard(src: str, out: str, cfg: ShardConfig, progress: bool = False) -> Summary:
-    """Shard `src` into `out` (resuming a previous run of the same plan); writes manifest.json last."""
+def shard(
+    src: str,
+    out: str,
+    cfg: ShardConfig,
+    part: Part = WHOLE,
+    columns: Columns | None = None,
+    progress_interval_s: float = 60.0,
+) -> Summary:
+    """Shard `src` (this `part` of it) into `out`, resuming a previous run of the same plan. A run in one
+    part writes manifest.json last; a part writes its record for `merge` last."""
     start = time.perf_counter()
-    listing = list_source(src, cfg.labels)
-    if not listing.items:
+    items = collect(stream_listing(src, cfg.labels, columns), part)
+    if not items.listed:
         raise SourceError(f"no files found in source {redact(src)}")
     _check_not_own_output(src, out)
     fs, root = _prepare_output(out)
-    staging = tempfile.mkdtemp(prefix="data_prep-")
-    try:
-        tasks = make_tasks(listing, cfg, out, staging)
-        previous = _previous_manifest(fs, root, tasks[0].plan_id)
+    with PartLock(fs, root, part):
+        plan = make_plan(items, cfg, part)
+        previous = _previous_result(fs, root, plan)
         if previous is not None:  # nothing left to do
             n_shards = sum(len(s["shards"]) for s in previous["splits"].values())
             seconds = time.perf_counter() - start
-            return Summary(previous["total_samples"], 0, n_shards, len(previous["rejected"]), seconds, out)
-        records = _finished(fs, root, tasks)
-        todo = [t for t in tasks if t.name not in records]
-        written_now = 0
-        with tqdm(total=sum(len(t.samples) for t in todo), unit="img", disable=not progress) as bar:
+            rejected = len(previous["rejected"])
+            return Summary(previous["total_samples"], 0, n_shards, rejected, seconds, out, part)
+        staging = tempfile.mkdtemp(prefix="data_prep-")
+        try:
+            records = _finished(fs, root, plan)
+            todo = [slot for slot in plan.slots if f"{slot.stem}.tar" not in records]
+            bar = Progress(
+                "data_prep shard", sum(len(s.positions) for s in todo), "images", progress_interval_s
+            )
+            written_now = 0
 
             def on_done(task: ShardTask, record: dict) -> None:
                 nonlocal written_now
                 records[task.name] = record
                 written_now += record["shard"]["samples"]
-                bar.update(len(task.samples))
+                bar.update(len(task.samples), len(record["rejected"]))
 
-            _run_tasks(todo, cfg.workers, on_done)
-    except BaseException:  # interrupted, a worker died, OUT or SRC lost: finished shards stay
-        _remove_temporaries(fs, root)
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    manifest = _manifest(src, cfg, listing, tasks, records)
-    write_manifest(out, manifest)
-    _remove_temporaries(fs, root)  # also those of a run killed earlier (SIGKILL leaves them)
-    fs.rm(join(root, PROGRESS_DIR), recursive=True)
-    n_shards = sum(len(s["shards"]) for s in manifest["splits"].values())
+            tasks = (plan.task(slot, out, staging, cfg.resize_short) for slot in todo)
+            try:
+                run_parallel(write_shard, tasks, cfg.workers, on_done)
+            finally:
+                bar.close()
+                for reader in _WORKER_READERS.values():  # the in-process run's (workers == 1)
+                    reader.close()
+                _WORKER_READERS.clear()
+        except BaseException:  # interrupted, a worker died, OUT or SRC lost: finished shards stay
+            _remove_temporaries(fs, root, part)
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        result = _result(src, cfg, plan, records)
+        write_atomic(fs, _result_path(root, part), json.dumps(result, indent=1).encode())
+        _remove_temporaries(fs, root, part)  # also those of a run killed earlier (SIGKILL leaves them)
+        _remove_records(fs, root, plan)
+    n_shards = sum(len(s["shards"]) for s in result["splits"].values())
     seconds = time.perf_counter() - start
-    return Summary(manifest["total_samples"], written_now, n_shards, len(manifest["rejected"]), seconds, out)
+    return Summary(
+        result["total_samples"], written_now, n_shards, len(result["rejected"]), seconds, out, part
+    )
 
 
-def _manifest(src: str, cfg: ShardConfig, listing: Listing, tasks: list[ShardTask], records: dict) -> dict:
+def _result(src: str, cfg: ShardConfig, plan: Plan, records: dict) -> dict:
     splits: dict[str, dict] = {}
     rejected = []
-    for task in tasks:
-        record = records[task.name]
-        body = splits.setdefault(task.split, {"shards": [], "samples": 0})
+    for slot in plan.slots:
+        record = records[f"{slot.stem}.tar"]
+        body = splits.setdefault(slot.split, {"shards": [], "samples": 0})
         if record["shard"]["samples"]:
             body["shards"].append(record["shard"])
             body["samples"] += record["shard"]["samples"]
         rejected.extend(record["rejected"])
-    return {
+    result = {
         "format": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "source": redact(src),
         "seed": cfg.seed,
-        "plan": tasks[0].plan_id,
+        "plan": plan.plan_id,
         "options": {
             "samples_per_shard": cfg.samples_per_shard,
             "labels": cfg.labels,
@@ -443,7 +517,10 @@ def _manifest(src: str, cfg: ShardConfig, listing: Listing, tasks: list[ShardTas
             "val_fraction": cfg.val_fraction,
         },
         "splits": splits,
-        "classes": listing.classes,
+        "classes": plan.items.classes,
         "total_samples": sum(s["samples"] for s in splits.values()),
         "rejected": rejected,
     }
+    if plan.part.count > 1:
+        result["part"] = {"index": plan.part.index, "count": plan.part.count}
+    return result

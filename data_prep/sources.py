@@ -9,6 +9,7 @@ import posixpath
 import re
 import tarfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
 
@@ -16,7 +17,10 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-Kind = Literal["files", "tar", "zip"]
+from data_prep.index import split_name
+from data_prep.tables import Columns, Table, TableReader, open_table, stream_rows
+
+Kind = Literal["files", "tar", "zip", "table"]
 
 
 class SourceError(Exception):
@@ -50,7 +54,13 @@ class Item:
 @dataclass(frozen=True)
 class SourceSpec:
     kind: Kind
-    url: str  # the archive for tar/zip; SRC itself for files
+    url: str  # the archive for tar/zip; SRC itself for files and tables
+    root: str = ""  # refs start with `root/`, which the recorded path leaves out; "": the path is the ref
+    table: Table | None = None  # kind "table": the table whose rows hold the images
+
+    def path_of(self, ref: str) -> str:
+        """What a sample's .json records as its source: relative to SRC for folders and archives."""
+        return ref[len(self.root) + 1 :] if self.root else redact(ref)
 
 
 @dataclass(frozen=True)
@@ -80,8 +90,14 @@ def _list_folder(fs: fsspec.AbstractFileSystem, root: str, src: str, labels: str
         rel = path[len(root) + 1 :]
         if not _hidden(rel):
             rels.append((path if local else fs.unstrip_protocol(path), rel))
+    if rels and all(rel.endswith(".tar") for _, rel in rels):
+        raise SourceError(
+            f"source {redact(src)} holds WebDataset tars, not images; adopt them as they are with "
+            f"`python -m data_prep index {redact(src)}`"
+        )
     items, classes = _with_labels(rels, labels)
-    return Listing(SourceSpec("files", src), items, classes)
+    spec_root = root if local else fs.unstrip_protocol(root)
+    return Listing(SourceSpec("files", src, spec_root), items, classes)
 
 
 def _common_dir(names: list[str]) -> str:
@@ -92,10 +108,15 @@ def _list_archive(kind: Kind, names: list[str], src: str, labels: str) -> Listin
     names = sorted(n for n in names if not _hidden(n))
     if not names:
         return Listing(SourceSpec(kind, src), [], [])
+    if len({split_name(n)[0] for n in names}) < len(names):  # a key with several members: WebDataset
+        raise SourceError(
+            f"source {redact(src)} is a WebDataset tar (samples of several members); adopt it as it is "
+            f"with `python -m data_prep index {redact(src)}`"
+        )
     root = _common_dir(names)
     rels = [(n, n[len(root) + 1 :] if root else n) for n in names]
     items, classes = _with_labels(rels, labels)
-    return Listing(SourceSpec(kind, src), items, classes)
+    return Listing(SourceSpec(kind, src, root), items, classes)
 
 
 def _list_text(fs: fsspec.AbstractFileSystem, path: str, src: str, labels: str) -> Listing:
@@ -154,6 +175,35 @@ def list_source(src: str, labels: str = "auto") -> Listing:
         ) from None
 
 
+@dataclass(frozen=True)
+class StreamedListing:
+    """A listing read in batches: `batches` yields (refs, labels) with labels as class names, ints or
+    None per item, or None for an unlabelled batch; `class_names` are fixed by the source (a datasets
+    ClassLabel), else () and the classes are the names (or 0..max of the ints) seen."""
+
+    spec: SourceSpec
+    batches: Iterator[tuple[list[str], list | None]]
+    class_names: tuple[str, ...] = ()
+
+
+def stream_listing(src: str, labels: str = "auto", columns: Columns | None = None) -> StreamedListing:
+    """A table is streamed in row batches; other sources are listed whole (their listing is the folder
+    tree or the text itself) and handed out as one batch."""
+    try:
+        table = open_table(src, columns or Columns(), labels)
+    except Exception as e:  # TableError, or the store/format library's own words
+        if isinstance(e, FileNotFoundError):
+            raise SourceError(f"source not found: {redact(src)}") from None
+        line = f"cannot read table {src}: {type(e).__name__}: {e}".splitlines()[0]
+        raise SourceError(redact(line)) from None
+    if table is None:
+        listing = list_source(src, labels)
+        batch = ([i.ref for i in listing.items], [i.label for i in listing.items])
+        return StreamedListing(listing.spec, iter([batch] if listing.items else []))
+    spec = SourceSpec("table" if table.embedded else "files", src, table=table if table.embedded else None)
+    return StreamedListing(spec, stream_rows(table), table.class_names)
+
+
 class Reader:
     """Reads items' bytes inside a worker; an exception in place of bytes means that item is unreadable.
     An archive is opened once, on first use, and kept open until `close`."""
@@ -163,6 +213,7 @@ class Reader:
         self._file: BinaryIO | None = None
         self._archive: tarfile.TarFile | zipfile.ZipFile | None = None
         self._members: dict[str, tarfile.TarInfo] = {}
+        self._table = TableReader(spec.table) if spec.table else None
 
     def _open_archive(self) -> tarfile.TarFile | zipfile.ZipFile:
         if self._archive is None:
@@ -175,6 +226,8 @@ class Reader:
         return self._archive
 
     def close(self) -> None:
+        if self._table is not None:
+            self._table.close()
         if self._archive is not None:
             self._archive.close()
             self._file.close()
@@ -190,6 +243,8 @@ class Reader:
             return e
 
     def read_many(self, refs: list[str]) -> list[bytes | Exception]:
+        if self._table is not None:
+            return self._table.read_many(refs)
         if self.spec.kind != "files":
             return [self._read_member(r) for r in refs]
         remote = [r for r in refs if "://" in r and not r.startswith("file://")]

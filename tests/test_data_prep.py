@@ -259,8 +259,10 @@ def test_verify_names_flipped_byte_and_truncated_shard(sample_shards: Path, tmp_
     data = bytearray((out / "train-000003.tar").read_bytes())
     data[offset] ^= 0x01
     (out / "train-000003.tar").write_bytes(bytes(data))
+    # shard 5 cut where its 126th sample's header starts (a copy that stopped between two members)
     shard5 = (out / "train-000005.tar").read_bytes()
-    (out / "train-000005.tar").write_bytes(shard5[: len(shard5) // 2])
+    cut = int((out / "train-000005.idx").read_text().splitlines()[126].split()[1]) - 512
+    (out / "train-000005.tar").write_bytes(shard5[:cut])
     # and one byte of a member header in the middle of shard 6 (tarfile alone would just stop there)
     line = (out / "train-000006.idx").read_text().splitlines()[100].split()
     data = bytearray((out / "train-000006.tar").read_bytes())
