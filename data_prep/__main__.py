@@ -72,7 +72,7 @@ example:
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data_prep",
         description="Turn image corpora into WebDataset shards with DALI indexes, and check them.",
@@ -104,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="shuffle seed (default: 0)")
     p.add_argument("--part", type=_part, default=WHOLE, metavar="I/N", help="write part I of N (0 <= I < N)")
     p.add_argument("--merge", action="store_true", help="with --part: merge once every part has finished")
+    p.add_argument(
+        "--lock-wait",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="wait up to S seconds for another writer's lock on this part (default: 0, refuse at once)",
+    )
     p.add_argument(
         "--path-column", metavar="NAME", help="table listings: the path/URL column (default: url, path, ...)"
     )
@@ -199,7 +206,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     progress = sys.stderr.isatty()
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -220,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.merge and args.part.count == 1:
                 parser.error("--merge goes with --part I/N (a run in one part writes manifest.json itself)")
             columns = Columns(args.path_column, args.image_column, args.label_column)
-            summary = shard(args.src, args.out, cfg, args.part, columns, args.progress_every)
+            summary = shard(args.src, args.out, cfg, args.part, columns, args.progress_every, args.lock_wait)
             print(summary.line())
             if args.merge:
                 _merge_if_complete(args.out)

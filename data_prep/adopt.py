@@ -105,7 +105,8 @@ def index_tar(task: IndexTask) -> dict:
     """Read one tar front to back, publish its `.idx`, then its progress record (which is returned)."""
     keep = frozenset({task.label_key.member}) if task.label_key else frozenset()
     try:
-        with fsspec.open(task.url, "rb", block_size=READ_BLOCK, cache_type="readahead") as f:
+        fs, path = url_to_fs(task.url)
+        with fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead") as f:
             samples, kept = scan(f, keep)
     except Exception as e:
         raise SourceError(
@@ -123,7 +124,7 @@ def index_tar(task: IndexTask) -> dict:
             labels.add(_label_of(task.url, key, kept, task.label_key))
     if not samples:
         raise LabelError(f"{task.url}: no samples in this tar; leave it out of SHARDS")
-    fs, _ = url_to_fs(task.index_url)
+    fs, _ = url_to_fs(task.index_url)  # the index may live elsewhere (--out)
     write_atomic(fs, fs._strip_protocol(task.index_url), format_index(samples).encode())
     entry = {"name": task.url, "index": task.index_url, "samples": len(samples), "bytes": task.bytes}
     label_key = task.label_key.manifest() if task.label_key else None

@@ -90,8 +90,15 @@ def _describe(holder: dict) -> str:
 class PartLock:
     """`with PartLock(fs, root, part):` holds the part for one writer, or raises PartBusy at once."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, part: Part, lease_s: float = LEASE_S):
-        self.fs, self.part, self.lease_s = fs, part, lease_s
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        root: str,
+        part: Part,
+        lease_s: float = LEASE_S,
+        wait_s: float = 0.0,
+    ):
+        self.fs, self.part, self.lease_s, self.wait_s = fs, part, lease_s, wait_s
         self.path = join(root, f"{LOCKS_DIR}/{part.name}.lock")
         self.holder = _holder()
         self._fd: int | None = None
@@ -99,11 +106,18 @@ class PartLock:
         self._renewer: threading.Thread | None = None
 
     def __enter__(self) -> PartLock:
-        if isinstance(self.fs, LocalFileSystem):
-            self._lock_local()
-        else:
-            self._lock_store()
-        return self
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                if isinstance(self.fs, LocalFileSystem):
+                    self._lock_local()
+                else:
+                    self._lock_store()
+                return self
+            except PartBusy:
+                if time.monotonic() >= deadline:  # a retried pod waits out its dead predecessor's lease
+                    raise
+                time.sleep(min(5.0, self.wait_s / 10))
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:

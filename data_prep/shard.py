@@ -438,6 +438,7 @@ def shard(
     part: Part = WHOLE,
     columns: Columns | None = None,
     progress_interval_s: float = 60.0,
+    lock_wait_s: float = 0.0,
 ) -> Summary:
     """Shard `src` (this `part` of it) into `out`, resuming a previous run of the same plan. A run in one
     part writes manifest.json last; a part writes its record for `merge` last."""
@@ -447,7 +448,7 @@ def shard(
         raise SourceError(f"no files found in source {redact(src)}")
     _check_not_own_output(src, out)
     fs, root = _prepare_output(out)
-    with PartLock(fs, root, part):
+    with PartLock(fs, root, part, wait_s=lock_wait_s):
         plan = make_plan(items, cfg, part)
         previous = _previous_result(fs, root, plan)
         if previous is not None:  # nothing left to do

@@ -57,9 +57,9 @@ def _list_folder(url: str) -> list[str]:
 
 
 def expand_shard_spec(spec: str | Sequence[str]) -> list[str]:
-    """Tar URLs (local paths made absolute) in the order the spec names them; a folder contributes its
-    `*.tar` files sorted by name. Raises SourceError (one line) for an empty spec, unbalanced braces,
-    a folder without tars or a name that repeats."""
+    """Tar URLs (local paths made absolute) in the order the spec names them; a folder (or a pattern of
+    folders) contributes its `*.tar` files sorted by name. Raises SourceError (one line) for an empty
+    spec, unbalanced braces, a folder without tars or a name that repeats."""
     elements = (
         _top_level_split(spec) if isinstance(spec, str) else [s for e in spec for s in _top_level_split(e)]
     )
@@ -67,12 +67,8 @@ def expand_shard_spec(spec: str | Sequence[str]) -> list[str]:
         raise SourceError("empty shard spec: give a .tar, a list, a brace pattern or a folder of tars")
     urls: list[str] = []
     for element in elements:
-        if "{" in element:
-            urls += [_absolute(u) for u in braceexpand(element)]
-        elif element.endswith(".tar"):
-            urls.append(_absolute(element))
-        else:
-            urls += _list_folder(_absolute(element))
+        for name in braceexpand(element) if "{" in element else [element]:
+            urls += [_absolute(name)] if name.endswith(".tar") else _list_folder(_absolute(name))
     seen: set[str] = set()
     for url in urls:
         if url in seen:

@@ -1,5 +1,8 @@
 """`verify`: re-read every shard listed in manifest.json and prove it intact: whole-shard size and
-sha256, the `.idx` against the tar, and per sample its members, content hash, label and a full decode."""
+sha256, the `.idx` against the tar, and per sample its members, content hash, label and a full decode.
+Shards data_prep did not write (adopted by `data_prep index`: no sha256 in the manifest) are checked for
+what they have: tar structure, size, index agreement, one decodable image per sample and, when the
+manifest names a label member, a label that fits the classes."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from fsspec.core import url_to_fs
+from PIL import Image
 from tqdm import tqdm
 
 from data_prep.image import Rejected, check_image
@@ -100,24 +104,71 @@ def _check_sample(name: str, key: str, members: dict[str, bytes], num_classes: i
     return []
 
 
-def verify_shard(entry: dict, data: bytes, index_text: str | None, num_classes: int) -> list[Problem]:
+FOREIGN_IMAGES = ("jpg", "jpeg", "png", "webp")  # training's image member: the first of these present
+
+
+def _foreign_label(members: dict[str, bytes], label: dict, classes: list[str]) -> str | None:
+    """Why the sample's label does not fit the manifest's `label` spec and classes; None when it does."""
+    raw = members.get(label["member"])
+    if raw is None:
+        return f"no .{label['member']} member for the label"
+    try:
+        value = json.loads(raw)[label["field"]] if label["member"] == "json" else int(raw)
+    except (ValueError, KeyError, TypeError):
+        return f"unreadable label in .{label['member']}"
+    if isinstance(value, str) and value in classes:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(classes):
+        return None
+    return f"label {value!r} is not one of {len(classes)} classes"
+
+
+def _check_foreign_sample(name: str, key: str, members: dict[str, bytes], manifest: dict) -> list[Problem]:
+    image = next((ext for ext in FOREIGN_IMAGES if ext in members), None)
+    if image is None:
+        return [Problem(name, key, f"no image member: members {sorted(members)}")]
+    try:
+        with Image.open(io.BytesIO(members[image])) as im:
+            im.load()
+    except Exception as e:
+        return [Problem(name, key, f"image does not decode: {type(e).__name__}: {e}")]
+    if manifest.get("label") and manifest["classes"]:
+        reason = _foreign_label(members, manifest["label"], manifest["classes"])
+        if reason:
+            return [Problem(name, key, reason)]
+    return []
+
+
+def verify_shard(entry: dict, data: bytes, index_text: str | None, manifest: dict) -> list[Problem]:
     """Problems found in one shard's bytes against its manifest `entry` ([] when intact)."""
     name = entry["name"]
     problems = []
-    whole_ok = len(data) == entry["bytes"] and hashlib.sha256(data).hexdigest() == entry["sha256"]
+    own = "sha256" in entry  # written by data_prep: its own .json schema and checksums apply
+    whole_ok = len(data) == entry["bytes"] and (
+        not own or hashlib.sha256(data).hexdigest() == entry["sha256"]
+    )
     if not whole_ok:
-        problems.append(Problem(name, None, f"{len(data)} bytes, sha256 differs from the manifest"))
+        what = "sha256 differs from the manifest" if own else f"the manifest says {entry['bytes']}"
+        problems.append(Problem(name, None, f"{len(data)} bytes, {what}"))
     samples, broken = _read_members(name, data)
     problems += broken
     for key, members in samples.items():
-        problems += _check_sample(name, key, members, num_classes)
+        if own:
+            problems += _check_sample(name, key, members, len(manifest["classes"]))
+        else:
+            problems += _check_foreign_sample(name, key, members, manifest)
     if len(samples) != entry["samples"]:
         problems.append(Problem(name, None, f"{len(samples)} samples, manifest says {entry['samples']}"))
     if index_text is None:
         problems.append(Problem(name, None, f"index {entry['index']} missing"))
-    elif whole_ok and index_text != build_index(io.BytesIO(data)):
+    elif (whole_ok or not own) and not broken and index_text != build_index(io.BytesIO(data)):
         problems.append(Problem(name, None, f"index {entry['index']} does not match the tar"))
     return problems
+
+
+def _resolve(folder: str, name: str) -> str:
+    """A manifest entry's file: relative to the manifest's folder, or an absolute path or URL as is."""
+    return name if "://" in name or name.startswith("/") else join(folder, name)
 
 
 def verify(url: str, progress: bool = False) -> Report:
@@ -127,20 +178,21 @@ def verify(url: str, progress: bool = False) -> Report:
     except Exception as e:
         message = f"cannot read manifest of {url}: {type(e).__name__}: {e}"
         raise ManifestError(message.splitlines()[0]) from None
-    fs, root = url_to_fs(shard_folder(url))
-    fs.invalidate_cache(root)
+    folder = shard_folder(url)
+    url_to_fs(folder)[0].invalidate_cache()
     entries = [s for split in manifest["splits"].values() for s in split["shards"]]
     report = Report()
     for entry in tqdm(entries, unit="shard", disable=not progress):
         report.shards += 1
         try:
-            data = fs.cat_file(join(root, entry["name"]))
+            fs, path = url_to_fs(_resolve(folder, entry["name"]))
+            data = fs.cat_file(path)
         except (FileNotFoundError, OSError) as e:
             report.problems.append(Problem(entry["name"], None, f"unreadable: {type(e).__name__}: {e}"))
             continue
-        index_path = join(root, entry["index"])
+        fs, index_path = url_to_fs(_resolve(folder, entry["index"]))
         index_text = fs.cat_file(index_path).decode() if fs.exists(index_path) else None
-        report.problems += verify_shard(entry, data, index_text, len(manifest["classes"]))
+        report.problems += verify_shard(entry, data, index_text, manifest)
         report.samples += entry["samples"]
     report.seconds = time.perf_counter() - start
     return report

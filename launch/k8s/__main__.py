@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from launch.k8s import indexed_job, pytorchjob
+from launch.k8s import indexed_job, prep, pytorchjob
+from launch.k8s.secrets import redact_argv
 from launch.k8s.spec import LaunchSpec, Toleration, parse_nodes, parse_pair, parse_secret_env
 from pipeline.config import ConfigError, load
 
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--gpu-resource", default="nvidia.com/gpu")
     r.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
+    prep.add_parser(sub)
     return parser
 
 
@@ -153,7 +155,7 @@ def check_trainer_config(spec: LaunchSpec) -> None:
 
 
 def to_yaml(documents: list[dict[str, Any]], argv: list[str]) -> str:
-    header = "# Rendered by: python -m launch.k8s " + shlex.join(argv) + "\n"
+    header = "# Rendered by: python -m launch.k8s " + shlex.join(redact_argv(argv)) + "\n"
     return header + yaml.safe_dump_all(documents, sort_keys=False, explicit_start=True, width=110)
 
 
@@ -170,18 +172,36 @@ def _without_output(argv: list[str]) -> list[str]:
     return out
 
 
+def check_output(path: Path) -> None:
+    """`-o` names a file in a folder that exists: refused before rendering, not with a traceback after."""
+    if path.is_dir():
+        raise ValueError(f"-o {path} is a directory; name a file in it, e.g. -o {path / 'job.yaml'}")
+    if not path.parent.is_dir():
+        raise ValueError(f"-o {path}: the folder {path.parent} does not exist; create it or write elsewhere")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
-        spec = spec_from_args(args)
-        check_trainer_config(spec)
+        if args.output:
+            check_output(args.output)
+        if args.command == "render-prep":
+            documents = prep.render(prep.spec_from_args(args))
+        else:
+            spec = spec_from_args(args)
+            check_trainer_config(spec)
+            documents = KINDS[args.kind](spec)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = to_yaml(KINDS[args.kind](spec), _without_output(argv))
+    text = to_yaml(documents, _without_output(argv))
     if args.output:
-        args.output.write_text(text)
+        try:
+            args.output.write_text(text)
+        except OSError as e:
+            print(f"error: -o {args.output}: {e.strerror}; choose a writable path", file=sys.stderr)
+            return 2
     else:
         sys.stdout.write(text)
     return 0
