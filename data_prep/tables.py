@@ -74,12 +74,14 @@ def _is_image_struct(field: pa.Field) -> bool:
     return pa.types.is_struct(field.type) and field.type.get_field_index("bytes") >= 0
 
 
-def _hf_class_names(fs: fsspec.AbstractFileSystem, folder: str, label: str | None) -> tuple[str, ...]:
-    """A `datasets` ClassLabel column stores ints; its names are in dataset_info.json."""
-    info_path = posixpath.join(folder, "dataset_info.json")
-    if label is None or not fs.exists(info_path):
+def _hf_class_names(schema: pa.Schema, label: str | None) -> tuple[str, ...]:
+    """A `datasets` ClassLabel column stores ints; its names travel in the schema's `huggingface`
+    metadata (Arrow files of save_to_disk and Hub parquet shards alike)."""
+    meta = (schema.metadata or {}).get(b"huggingface")
+    if label is None or meta is None:
         return ()
-    feature = json.loads(fs.cat_file(info_path)).get("features", {}).get(label, {})
+    info = json.loads(meta)
+    feature = info.get("info", info).get("features", {}).get(label, {})
     return tuple(feature.get("names") or ())
 
 
@@ -123,10 +125,24 @@ def open_table(src: str, columns: Columns, labels: str) -> Table | None:
     label = (
         None if labels == "none" else _pick(schema, columns.label, LABEL_COLUMNS, "label", "--label-column")
     )
-    names = _hf_class_names(fs, folder, label) if fmt == "arrow" else ()
+    names = _hf_class_names(schema, label)
     local = isinstance(fs, LocalFileSystem)
     full = tuple(f if local else fs.unstrip_protocol(f) for f in files)
     return Table(src, fmt, full, ref, embedded, label, names)
+
+
+def _image_bytes(value: dict | None) -> bytes | Exception:
+    """A datasets Image struct holds the bytes, or (not embedded) the path of the file to read."""
+    if value and value.get("bytes"):
+        return value["bytes"]
+    path = (value or {}).get("path")
+    if not path or not ("://" in path or path.startswith("/")):
+        return ValueError(f"no image bytes in this row (path {path!r})")
+    try:
+        with fsspec.open(path, "rb") as f:
+            return f.read()
+    except Exception as e:
+        return e
 
 
 def _hidden(folder: str, path: str) -> bool:
@@ -191,7 +207,7 @@ class TableReader:
             self._open = (number, data)
         return self._open[1]
 
-    def _rows(self, number: int, rows: list[int]) -> list[bytes | None]:
+    def _rows(self, number: int, rows: list[int]) -> list[bytes | Exception]:
         data = self._file(number)
         if isinstance(data, pa.Table):
             column = data.column(self.table.ref_column).take(pa.array(rows))
@@ -205,7 +221,7 @@ class TableReader:
             local = [before[g] + r - starts[g] for r in rows for g in [bisect.bisect_right(starts, r) - 1]]
             part = data.read_row_groups(groups, columns=[self.table.ref_column])
             column = part.column(self.table.ref_column).take(pa.array(local))
-        return [value["bytes"] if value else None for value in column.to_pylist()]
+        return [_image_bytes(value) for value in column.to_pylist()]
 
     def read_many(self, refs: list[str]) -> list[bytes | Exception]:
         by_file: dict[int, list[int]] = {}
@@ -215,7 +231,7 @@ class TableReader:
         got: dict[str, bytes | Exception] = {}
         for number, rows in by_file.items():
             for row, data in zip(rows, self._rows(number, rows), strict=True):
-                got[f"{number}:{row}"] = data if data else ValueError("no image bytes in this row")
+                got[f"{number}:{row}"] = data
         return [got[ref] for ref in refs]
 
     def close(self) -> None:
