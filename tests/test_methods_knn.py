@@ -26,7 +26,15 @@ from torchvision.transforms import v2
 
 from pipeline.eval.knn import knn_accuracy
 from pipeline.methods import METHODS
-from pipeline.methods.config import DINOConfig, SimCLRConfig, SwAVConfig, TripletConfig
+from pipeline.methods.config import (
+    DCLConfig,
+    DINOConfig,
+    NNCLRConfig,
+    SimCLRConfig,
+    SimSiamConfig,
+    SwAVConfig,
+    TripletConfig,
+)
 from pipeline.models import HeadConfig, ModelConfig, build_backbone
 from pipeline.optim import OptimConfig, build_optimizer, build_schedule
 
@@ -49,6 +57,10 @@ RUNS = {  # each method at its paper's loss settings, heads sized for the tiny b
         momentum=0.99,
     ),
     "swav": SwAVConfig(num_prototypes=30, freeze_prototypes_steps=0),
+    "nnclr": NNCLRConfig(temperature=0.1, queue_size=1024),  # 8 batches of neighbours: lightly's 4096 / 512
+    "simsiam": SimSiamConfig(),
+    "dcl": DCLConfig(temperature=0.1),
+    "dclw": DCLConfig(temperature=0.1, weighting="vmf", sigma=0.5),
 }
 # SGD base learning rate (at batch 256) where a run departs from 0.5. The triplet loss's gradient on a
 # unit embedding is at most 1 per distance, where InfoNCE's carries 1/temperature (5 here): at 0.5 it
