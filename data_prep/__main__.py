@@ -154,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def shard_config(args: argparse.Namespace) -> ShardConfig:
+    """The `shard` flags as a checked config (ValueError names the flag)."""
+    return ShardConfig(
+        samples_per_shard=args.samples_per_shard,
+        workers=args.workers,
+        labels=args.labels,
+        resize_short=args.resize_short,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+    )
+
+
 def _part(text: str) -> Part:
     try:
         return Part.parse(text)
@@ -214,14 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "shard":
             try:
-                cfg = ShardConfig(
-                    samples_per_shard=args.samples_per_shard,
-                    workers=args.workers,
-                    labels=args.labels,
-                    resize_short=args.resize_short,
-                    val_fraction=args.val_fraction,
-                    seed=args.seed,
-                )
+                cfg = shard_config(args)
             except ValueError as e:
                 parser.error(str(e))  # exits 2
             if args.merge and args.part.count == 1:

@@ -195,6 +195,8 @@ def part_record_path(root: str, part: Part) -> str:
 
 
 def write_part_record(fs: fsspec.AbstractFileSystem, root: str, part: Part, result: dict) -> None:
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(join(root, PARTS_DIR), exist_ok=True)
     write_atomic(fs, part_record_path(root, part), json.dumps(result, indent=1).encode())
 
 

@@ -31,7 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from data_prep.image import Rejected, check_image
 from data_prep.index import format_index
 from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, join, write_atomic
-from data_prep.parts import WHOLE, Part, PartLock, part_record_path
+from data_prep.parts import WHOLE, Part, PartLock, part_record_path, write_part_record
 from data_prep.pool import run_parallel
 from data_prep.progress import Progress
 from data_prep.sources import Reader, SourceError, SourceSpec, StreamedListing, redact, stream_listing
@@ -485,7 +485,10 @@ def shard(
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         result = _result(src, cfg, plan, records)
-        write_atomic(fs, _result_path(root, part), json.dumps(result, indent=1).encode())
+        if part.count == 1:
+            write_atomic(fs, join(root, MANIFEST_NAME), json.dumps(result, indent=1).encode())
+        else:
+            write_part_record(fs, root, part, result)
         _remove_temporaries(fs, root, part)  # also those of a run killed earlier (SIGKILL leaves them)
         _remove_records(fs, root, plan)
     n_shards = sum(len(s["shards"]) for s in result["splits"].values())

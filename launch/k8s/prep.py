@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.__main__ import build_parser as data_prep_parser
+from data_prep.__main__ import shard_config
 from data_prep.parts import LEASE_S
 from launch.k8s.spec import _DNS_LABEL, _QUANTITY, Toleration, parse_pair, parse_secret_env
 
@@ -85,10 +86,12 @@ class PrepSpec:
         err = io.StringIO()
         try:
             with contextlib.redirect_stderr(err):
-                data_prep_parser().parse_args(argv)
+                shard_config(data_prep_parser().parse_args(argv))
         except SystemExit:
             last = (err.getvalue().strip().splitlines() or ["invalid"])[-1]
             raise ValueError(f"data_prep shard flags after --: {last.split('error: ', 1)[-1]}") from None
+        except ValueError as e:
+            raise ValueError(f"data_prep shard flags after --: {e}") from None
 
 
 def labels(spec: PrepSpec) -> dict[str, str]:
