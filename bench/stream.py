@@ -35,6 +35,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -102,7 +103,9 @@ def loader_config(shards: str, backend: str, batch_size: int, workers: int) -> d
 
 def _shard(src: Path, out: Path, samples_per_shard: int) -> Path:
     argv = ["shard", str(src), str(out), "--samples-per-shard", str(samples_per_shard), "--workers", "1"]
-    if data_prep_main(argv) != 0:
+    with contextlib.redirect_stdout(sys.stderr):  # its summary line is not one of this bench's rows
+        code = data_prep_main(argv)
+    if code != 0:
         raise RuntimeError(f"data_prep shard {src} {out} failed")
     return out
 
