@@ -40,7 +40,7 @@ COPY data_prep ./data_prep
 COPY launch ./launch
 COPY bench ./bench
 COPY configs ./configs
-RUN DS_BUILD_OPS=0 pip install --no-cache-dir --no-build-isolation --extra-index-url "${TORCH_INDEX_URL}" . \
+RUN DS_BUILD_OPS=0 pip install --no-cache-dir --no-build-isolation --extra-index-url "${TORCH_INDEX_URL}" './[gpu]' \
     && chmod 0755 launch/entrypoint.sh launch/torchrun.sh
 
 # numeric, so Kubernetes can check runAsNonRoot; W&B and caches write under its home

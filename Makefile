@@ -9,7 +9,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	# torch first: DeepSpeed's setup imports it, so it is built without isolation against this torch
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	# [gpu]: DALI and DeepSpeed, extras for `pip install .` users; the tests run both on the CPU
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e '.[dev,gpu]'
 	touch $(STAMP)
 
 run: $(STAMP)

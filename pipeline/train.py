@@ -12,8 +12,10 @@ signalled or lost: restart the job (pipeline/engine/preemption.py).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
+from typing import Any
 
 from pipeline.config import load, to_dict
 from pipeline.schema import ConfigError
@@ -26,6 +28,64 @@ EXAMPLES = """examples:
       train.deepspeed_config=configs/deepspeed/zero1.json optim.name=sgd
   python -m pipeline.train --config configs/cifar10_simclr.yaml --config my_cluster.yaml --print-config
 """
+
+
+# What a chosen backend or engine needs beyond `pip install .`: (needed, module, extra, the way out).
+EXTRAS = (
+    ("data.backend=dali", "nvidia.dali", "dali", "data.backend=torch"),
+    ("train.engine=deepspeed", "deepspeed", "deepspeed", "train.engine=ddp"),
+)
+
+
+def missing_extra(cfg: Any) -> str | None:
+    """The one-line refusal when the config picks DALI or DeepSpeed and it is not installed (found without
+    importing it: a config check stays cheap)."""
+    chosen = {
+        "data.backend=dali": cfg.data.backend == "dali",
+        "train.engine=deepspeed": cfg.train.engine == "deepspeed",
+    }
+    for key, module, extra, way_out in EXTRAS:
+        if chosen[key] and not _installed(module):
+            return f"{key} needs {module}, which is not installed: pip install '.[{extra}]', or use {way_out}"
+    return None
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a missing parent package; a module blocked (None in sys.modules)
+        return False
+
+
+def banner(trainer: Any) -> None:
+    """What is about to run, on rank 0 before the first step: data, steps, ranks, batch and lr."""
+    from pipeline.optim.schedule import peak_lr
+
+    cfg, budget, env = trainer.cfg, trainer.budget, trainer.env
+    batch = budget.global_batch_size
+    per_rank = f"{cfg.data.batch_size} x {env.world_size} rank(s) x {budget.grad_accum_steps} accumulation"
+    opt = cfg.optim
+    lr = f"{peak_lr(opt, batch):.4g} ({opt.lr:g} x {batch}/{opt.reference_batch_size}, {opt.lr_scaling})"
+    print(
+        f"pipeline.train: {cfg.method.name} on {cfg.model.backbone}, {cfg.run.output_dir}\n"
+        f"  data: {budget.steps_per_epoch * batch:,} samples/epoch from {cfg.data.train_shards} "
+        f"(backend {cfg.data.backend}, {cfg.data.image_size} px)\n"
+        f"  steps: {budget.steps_per_epoch}/epoch x {cfg.train.epochs} epoch(s), to step {budget.last_step}\n"
+        f"  world size {env.world_size} ({cfg.train.engine} on {env.device.type}); global batch {batch} "
+        f"({per_rank}); peak lr {lr}",
+        flush=True,
+    )
+
+
+def summary(cfg: Any, result: Any) -> str:
+    """The end of a finished run: where it stopped, its checkpoint and the commands that come next."""
+    out = cfg.run.output_dir
+    return (
+        f"pipeline.train: finished at step {result.step} (epoch {result.epoch}); checkpoint "
+        f"{result.last_checkpoint}\n"
+        f"  next: python -m pipeline.eval knn --checkpoint {out}\n"
+        f"        python -m pipeline.export --checkpoint {out} --format timm --out {out}/backbone.pt"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
+    missing = missing_extra(cfg)
+    if missing:
+        print(f"config error: {missing}", file=sys.stderr)
+        return 2
 
     from pipeline.data.shards import UnreadableShards
     from pipeline.distributed import leave_process_group
@@ -68,10 +132,12 @@ def main(argv: list[str] | None = None) -> int:
 
     completed = False
     try:
-        result = train(cfg)
+        result = train(cfg, announce=banner)
         completed = True
         if result.stopped_by == PEER_SIGNAL:
             return EXIT_RESTART
+        if result.stopped_by is None and int(os.environ.get("RANK", "0")) == 0:
+            print(summary(cfg, result), flush=True)
     except ConfigError as e:  # found while building (e.g. no manifest.json at data.train_shards)
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -94,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The process's whole life (`python -m pipeline.train`, the `contrastive-train` command): main, then
+    the exit status file and, under torchrun, the rank's exit."""
     from pipeline.engine.preemption import write_exit_status
 
     status = 1  # an exception escaped: a crash, not a reason to restart
@@ -110,3 +178,7 @@ if __name__ == "__main__":
 
         exit_rank(status)  # everything is written; skip the teardown that can abort a rank (see there)
     sys.exit(status)
+
+
+if __name__ == "__main__":
+    run()

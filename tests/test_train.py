@@ -172,10 +172,10 @@ def test_ddp_simclr_two_ranks_epochs_checkpoint_resume_wandb(
 
     history = _wandb_history(out)
     assert {r["run_id"] for r in history if "run_id" in r} == {first_id}  # the same W&B run, resumed
-    assert sorted({r["_step"] for r in history if "loss" in r}) == [1, 2, 3, 4, 5, 6]
-    epoch_rows = [r for r in history if "knn_top1" in r]
+    assert sorted({r["_step"] for r in history if "train/loss" in r}) == [1, 2, 3, 4, 5, 6]  # W&B groups keys
+    epoch_rows = [r for r in history if "val/knn_top1" in r]
     assert [r["_step"] for r in epoch_rows] == [3, 6]
-    assert all(r["embedding_map/_type"] == "image-file" for r in epoch_rows)
+    assert all(r["val/embedding_map/_type"] == "image-file" for r in epoch_rows)
 
 
 @pytest.mark.slow

@@ -1,7 +1,9 @@
 """What the user sees of a run: metrics.jsonl, W&B and a console progress bar, all on rank 0 only.
 
 The loop hands each step's `StepLog`, schedule values, `Throughput` and `Progress` to `log_step`, which
-lays out the row (W&B panels and tests read its keys) and the progress bar."""
+lays out the row (W&B panels and tests read its keys) and the progress bar. metrics.jsonl keeps flat
+names; W&B gets them in panel groups (`wandb_key`: train/, val/, sys/; `pipeline.eval` adds eval/) against
+the optimizer step as the x axis, with the best kNN/linear top-1 as the run's summary."""
 
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ from pipeline.engine.state import Progress
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_INIT_TIMEOUT_S = 15  # wandb's own default (90 s) keeps a run with a bad key or no network waiting
+STEP_METRIC = "step"  # the optimizer step: every W&B panel's x axis
+SYS_KEYS = ("images_per_s", "images_per_s_per_gpu", "data_wait_frac", "step_time_s", "gpu_mem_gib")
+VAL_KEYS = ("knn_top1", "embed_std", "eval_time_s", "embedding_map")  # pipeline.engine.online_eval
+CUDA_ONLY_KEYS = ("sys/gpu_mem_gib",)
+BEST_IS_MAX = ("val/knn_top1", "eval/knn_top1", "eval/linear_top1")  # their W&B summary is the best value
 
 
 class LoggingError(RuntimeError):
@@ -62,6 +69,21 @@ class Throughput:
 
 def _scalar(value: Any) -> float:
     return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def wandb_key(key: str) -> str:
+    """A metrics.jsonl key's W&B name: sys/ throughput and memory, val/ the online eval, train/ the rest."""
+    return f"{'sys' if key in SYS_KEYS else 'val' if key in VAL_KEYS else 'train'}/{key}"
+
+
+def define_metrics(run: Any) -> None:
+    """The optimizer step as every group's x axis (so `pipeline.eval` can log into a resumed run at the
+    checkpoint's step), and the best, not the last, kNN/linear top-1 in the run's summary."""
+    run.define_metric(STEP_METRIC)
+    for group in ("train", "val", "sys", "eval"):
+        run.define_metric(f"{group}/*", step_metric=STEP_METRIC)
+    for key in BEST_IS_MAX:
+        run.define_metric(key, step_metric=STEP_METRIC, summary="max")
 
 
 def wandb_mode(configured: str) -> str:
@@ -117,7 +139,8 @@ class RunLogger:
                     entity=wb.entity,
                     name=wb.name or cfg.run.name,
                     tags=list(wb.tags),
-                    group=wb.group,
+                    group=wb.group or cfg.run.name,  # restarts and its eval runs together
+                    job_type="pretrain",
                     mode=mode,
                     id=run_id,
                     resume="allow",
@@ -132,6 +155,7 @@ class RunLogger:
                     f"logging.wandb.mode={mode}: W&B did not start ({reason}); check WANDB_API_KEY and the "
                     "network, or use logging.wandb.mode=offline and `wandb sync` later"
                 ) from None
+            define_metrics(self.wandb_run)
         if cfg.logging.progress_bar:
             from tqdm import tqdm
 
@@ -146,7 +170,8 @@ class RunLogger:
         self.metrics.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
         self.metrics.flush()
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            grouped = {wandb_key(k): v for k, v in row.items() if k != STEP_METRIC}
+            self.wandb_run.log({STEP_METRIC: row["step"], **grouped}, step=row["step"])
 
     def log_step(
         self, progress: Progress, result: StepLog, schedule: dict[str, float], throughput: Throughput
@@ -174,7 +199,7 @@ class RunLogger:
         if self.enabled and self.wandb_run is not None:
             import wandb
 
-            self.wandb_run.log({key: wandb.Image(str(path))}, step=step)
+            self.wandb_run.log({STEP_METRIC: step, wandb_key(key): wandb.Image(str(path))}, step=step)
 
     def progress(self, step: int, **postfix: float) -> None:
         if self.bar is not None:

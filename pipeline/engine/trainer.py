@@ -16,7 +16,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -257,15 +257,19 @@ def train_step(
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-def train(cfg: Config) -> TrainResult:
+def train(cfg: Config, announce: Callable[[Trainer], None] | None = None) -> TrainResult:
     """Run (or resume) the whole training described by `cfg`; returns when done or preempted. Rank 0
-    holds the run folder's lock throughout: a second training into the same run.output_dir is refused."""
+    holds the run folder's lock throughout: a second training into the same run.output_dir is refused.
+    `announce` is called on rank 0 with the built trainer before its first step (the CLI's banner)."""
     from pipeline.distributed import init_from_env
 
     env = init_from_env(cfg.train.collective_timeout_s)
     lock = lock_run_folder(cfg.run.output_dir, env.rank == 0, env.world_size)
     try:
-        return Trainer.build(cfg, env).fit()
+        trainer = Trainer.build(cfg, env)
+        if announce is not None and env.rank == 0:
+            announce(trainer)
+        return trainer.fit()
     finally:
         lock.release()
 

@@ -10,6 +10,9 @@ Examples:
 
 Each metric command writes `OUT/<protocol>-<pretrained|random>.json` (OUT defaults to RUN_DIR/eval for a
 local checkpoint) and prints it as one JSON line; `report` gathers them into OUT/report.{md,html}.
+When the training logged to W&B, the results go into its W&B run too (resumed by the id the checkpoint
+saved): eval/<protocol>_top1 (eval/<protocol>_random_top1 for --random-init) at the checkpoint's step.
+`--no-wandb` keeps them local.
 Shards default to the run's data.train_shards (the kNN bank / probe training set) and data.val_shards.
 """
 
@@ -39,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, step dir or state.pt")
     common.add_argument("--out", help="folder for results (default: RUN_DIR/eval)")
+    common.add_argument("--no-wandb", action="store_true", help="do not log results into the run's W&B run")
     data = argparse.ArgumentParser(add_help=False)
     data.add_argument(
         "--train-shards", help="labelled shards for the bank / training (default data.train_shards)"
@@ -228,6 +232,41 @@ def cmd_report(args: argparse.Namespace) -> tuple[Path, Path]:
     return md, page
 
 
+def log_to_wandb(checkpoint: str, rows: list[dict], random_init: bool) -> str | None:
+    """`rows` into the W&B run of the training they evaluate, resumed by the id its checkpoint saved, at
+    the checkpoint's optimizer step. Returns that run's id; None when the training logged no W&B."""
+    from pipeline.engine.checkpoint import find_state
+    from pipeline.engine.logger import STEP_METRIC, define_metrics, wandb_mode
+
+    _, state = find_state(checkpoint)
+    wb = state.get("config", {}).get("logging", {}).get("wandb", {})
+    run_id, mode = state.get("wandb_run_id"), wandb_mode(wb.get("mode", "disabled"))
+    if not run_id or mode == "disabled":
+        return None
+    import wandb
+
+    run_dir = run_dir_of(checkpoint)
+    suffix = "_random" if random_init else ""
+    values = {f"eval/{row['protocol']}{suffix}_{k}": row[k] for row in rows for k in ("top1", "top5")}
+    try:
+        run = wandb.init(
+            project=wb.get("project"),
+            entity=wb.get("entity"),
+            id=run_id,
+            resume="allow",
+            mode=mode,
+            dir=str(run_dir) if run_dir is not None else None,
+            settings=wandb.Settings(console="off", silent=True),
+        )
+    except wandb.errors.Error as e:  # the results are written; W&B is a copy
+        print(f"pipeline.eval: not logged to W&B ({type(e).__name__}: {e})".splitlines()[0], file=sys.stderr)
+        return None
+    define_metrics(run)
+    run.log({STEP_METRIC: state.get("step", 0), **values})
+    run.finish()
+    return run_id
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 2 the checkpoint is missing or damaged (a folder of checkpoints falls back to
     its newest intact step), or --out is not writable: one line, before any work."""
@@ -245,13 +284,16 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        {
+        done = {
             "knn": cmd_knn,
             "linear": cmd_linear,
             "finetune": cmd_finetune,
             "embed": cmd_embed,
             "report": cmd_report,
         }[args.command](args)
+        rows = [done] if isinstance(done, dict) else done if isinstance(done, list) else []
+        if rows and not args.no_wandb:
+            log_to_wandb(args.checkpoint, rows, args.random_init)
     except CheckpointError as e:
         print(f"pipeline.eval: {e}", file=sys.stderr)
         return 2
