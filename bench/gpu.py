@@ -169,7 +169,7 @@ def forward_dtypes(
     batches = iter([Batch(views, None)] * steps)
     loss = float("nan")
     for step in range(steps):
-        loss = train_step(engine, batches, ctx, step, stop_requested=False).loss
+        loss = train_step(engine, batches, ctx, step, stop_requested=False).read().loss
     return seen, loss
 
 
@@ -285,7 +285,7 @@ def check_compile(args: argparse.Namespace) -> tuple[str, dict]:
         g = torch.Generator(device=device).manual_seed(0)
         views = [torch.randn(16, 3, 32, 32, device=device, generator=g) for _ in range(2)]
         batches = iter([Batch(views, None)] * 3)
-        losses[compiled] = [train_step(engine, batches, ctx, s, False).loss for s in range(3)]
+        losses[compiled] = [train_step(engine, batches, ctx, s, False).read().loss for s in range(3)]
     eager, comp = losses[False], losses[True]
     if not all(abs(a - b) <= 0.05 * abs(a) for a, b in zip(eager, comp, strict=True)):
         raise AssertionError(f"compiled losses {comp} differ from eager {eager}")

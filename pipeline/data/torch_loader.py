@@ -94,13 +94,18 @@ class TorchLoader:
             yield images, sizes, labels
 
     def __iter__(self) -> Iterator[Batch]:
+        from pipeline.data.device_prefetch import on_side_stream
+
         self.position.start_iter()
-        epoch = self.position.epoch
-        for images, sizes, labels in self._pixels():
-            rng = batch_rng(self.seed, epoch, self.position.batches_consumed, self.rank)
-            views = self.augment(images, sizes, rng)
-            self.position.consumed_one()
-            yield Batch(views, labels)
+        epoch, first = self.position.epoch, self.position.batches_consumed
+
+        def augmented() -> Iterator[Batch]:  # one batch ahead of the step: n is drawn from its own index
+            for n, (images, sizes, labels) in enumerate(self._pixels(), start=first):
+                yield Batch(self.augment(images, sizes, batch_rng(self.seed, epoch, n, self.rank)), labels)
+
+        for batch in on_side_stream(augmented(), self.device):
+            self.position.consumed_one()  # counted when handed over, so a checkpoint never skips one
+            yield batch
 
     def state_dict(self) -> dict[str, Any]:
         state = self.position.state_dict(self.cfg.batch_size, self.world_size)

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.engine.checkpoint import CheckpointStore
+from pipeline.optim import init_state, skipped_if
 from pipeline.schema import ConfigError
 
 
@@ -37,6 +38,7 @@ class DDPEngine:
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         self.module = method.to(device)
         self.optimizer = make_optimizer(self.module)
+        init_state(self.optimizer)
         self.grad_accum_steps = grad_accum_steps
         self.grad_clip = grad_clip
         self.distributed = distributed
@@ -61,17 +63,16 @@ class DDPEngine:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum_steps).backward()
 
-    def step(self) -> torch.Tensor:
-        """Clip, step, zero; returns the global grad norm before clipping (identical on every rank), as
-        a device tensor: reading it is a host sync, left to the logging steps."""
+    def step(self, skip: torch.Tensor) -> torch.Tensor:
+        """Clip, step, zero; where the device flag `skip` is set the optimizer leaves weights and state
+        bit-identical. Returns the global grad norm before clipping (identical on every rank), as a
+        device tensor: reading it is a host sync, left to the logging steps."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf)
-        self.optimizer.step()
+        with skipped_if(self.optimizer, skip):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
-
-    def skip(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
 
     def save(self, store: CheckpointStore, step: int, state: dict[str, Any] | None) -> None:
         """Rank 0 writes model + optimizer + `state` (None on other ranks); all ranks wait for it."""

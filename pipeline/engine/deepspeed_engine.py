@@ -26,6 +26,7 @@ from torch import nn
 from pipeline.engine.checkpoint import MODEL_FILE, CheckpointStore, download, is_local
 from pipeline.engine.config import resolve_deepspeed_config
 from pipeline.engine.ddp import fp32_state_dict
+from pipeline.optim import init_state, skipped_if
 
 
 def deepspeed_config(
@@ -86,6 +87,7 @@ class DeepSpeedEngine:
         method = method.to(device)
         self.optimizer = make_optimizer(method)  # the schedule writes lr/wd/momentum into its param_groups
         self.ds, _, _, _ = deepspeed.initialize(model=method, optimizer=self.optimizer, config=ds_config)
+        init_state(self.optimizer)  # after initialize: ZeRO has swapped in its flat partitions
         self.module: nn.Module = self.ds.module
         self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         if compile:
@@ -98,19 +100,18 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)  # scales by 1 / gradient_accumulation_steps itself
 
-    def step(self) -> torch.Tensor | float:
+    def step(self, skip: torch.Tensor) -> torch.Tensor | float:
+        """DeepSpeed's step, its client optimizer masked by the device flag `skip` (`skipped_if`)."""
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         # ZeRO >= 1 keeps reduced gradients in its partitions and reports their norm; stage 0 leaves them
         # on the parameters, where we measure them before DeepSpeed clips. Returned unread (no host sync).
         norm = torch.nn.utils.get_total_norm(grads) if self.stage == 0 and grads else None
-        self.ds.step()
+        with skipped_if(self.optimizer, skip):
+            self.ds.step()
         if norm is None:
             reported = self.ds.get_global_grad_norm()
             norm = reported if reported is not None else float("nan")
         return norm
-
-    def skip(self) -> None:
-        self.ds.zero_grad()
 
     def save(self, store: CheckpointStore, step: int, state: dict[str, Any] | None) -> None:
         """Every rank writes its DeepSpeed shards; rank 0 (`state` not None) adds model.pt and state.pt."""

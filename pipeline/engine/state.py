@@ -37,11 +37,11 @@ class Progress:
         """Fields this version knows; a checkpoint from an older or newer version still resumes."""
         return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
 
-    def advance(self, batches: int, finite: bool) -> None:
-        """One optimizer step over `batches` loader batches; a skipped (non-finite) step counts as bad."""
+    def advance(self, batches: int) -> None:
+        """One optimizer step over `batches` loader batches. Skipped (non-finite) steps are added to
+        `bad_steps` when the loop reads the device's counts (pipeline.engine.health)."""
         self.step += 1
         self.batches_in_epoch += batches
-        self.bad_steps += not finite
 
 
 def rng_state() -> dict[str, Any]:

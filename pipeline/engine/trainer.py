@@ -4,9 +4,12 @@ decides when to save (pipeline.engine.checkpointer), the logger lays out the row
 
 One optimizer step = `train.grad_accum_steps` loader batches per rank. The loss and its non-finite flag
 stay on the device across the micro-batches; before the update one small all-reduce of (loss sum,
-non-finite count, stop flag) and one read of it on the host give the global mean loss for logging and let
-every rank take the same decision to skip a NaN step or to stop after a signal, so ranks never diverge.
-That read is the step's only host sync: the gradient norm stays a tensor until a logging step reads it.
+non-finite count, stop flag) gives every rank the same device flags: a NaN/Inf step is skipped by the
+optimizer on the device (GradScaler's `found_inf`, pipeline.optim.build) and the method's after-step hook
+is undone there too, so ranks never diverge and the CPU never waits for the GPU in a steady-state step.
+The host reads the flags only at check steps (`Trainer.check_due`: logging steps, every
+`CHECK_EVERY_STEPS` steps, checkpoint steps, epoch ends and the last step), in one small copy with the
+bad-step counts: a stop signal or a diverged run is acted on there, at the same step on every rank.
 """
 
 from __future__ import annotations
@@ -50,8 +53,7 @@ class Engine(Protocol):
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None, *, sync: bool) -> Any: ...
     def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self) -> torch.Tensor | float: ...
-    def skip(self) -> None: ...
+    def step(self, skip: torch.Tensor) -> torch.Tensor | float: ...
     def save(self, store: CheckpointStore, step: int, state: dict[str, Any] | None) -> None: ...
     def load(self, step_dir: str, state: dict[str, Any]) -> None: ...
 
@@ -189,10 +191,11 @@ def build_budget(cfg: Config, batches_per_epoch: int, world_size: int) -> StepBu
 # ---------------------------------------------------------------------------------------------- one step
 
 
-def _global_flags(
-    loss_sum: torch.Tensor, n_bad: torch.Tensor, stop: bool, world_size: int
-) -> tuple[float, bool, bool]:
-    """(loss sum over ranks, every rank finite, any rank asked to stop): one all-reduce, one host read.
+CHECK_EVERY_STEPS = 10  # the host reads the step flags at least this often: a SIGTERM is obeyed within it
+
+
+def _global_flags(loss_sum: torch.Tensor, n_bad: torch.Tensor, stop: bool, world_size: int) -> torch.Tensor:
+    """(loss sum over ranks, non-finite count over ranks, ranks asked to stop), one all-reduce, unread.
 
     `loss_sum` and `n_bad` are device scalars (finite losses summed, non-finite ones counted); the stop
     flag joins them on the device with a fill, not a pageable host-to-device copy."""
@@ -201,9 +204,8 @@ def _global_flags(
         backend_device = flags.device if dist.get_backend() == "nccl" else torch.device("cpu")
         on_backend = flags.to(backend_device)
         dist.all_reduce(on_backend)
-        flags = on_backend
-    total, bad, stops = flags.tolist()  # the step's one host sync
-    return total, bad == 0, stops > 0
+        flags = on_backend.to(loss_sum.device)
+    return flags
 
 
 @dataclass(frozen=True)
@@ -218,13 +220,58 @@ class StepContext:
     total_steps: int
 
 
+@dataclass
+class DeviceStep:
+    """One step's outcome, still on the device; `read` (a host sync) turns it into the logged `StepLog`."""
+
+    flags: torch.Tensor  # (3,) float64: global mean loss (NaN when skipped), 1 if applied, 1 if stopping
+    skipped: torch.Tensor  # bool scalar: some rank saw a NaN/Inf loss, every rank skipped the update
+    grad_norm: torch.Tensor | float
+    data_wait_s: float
+    logs: dict[str, Any]
+
+    def read(self, values: list[float] | None = None) -> StepLog:
+        """`values`: `flags` already copied to the host (with other counts, in one read); else read now."""
+        loss, applied, stop = self.flags.tolist() if values is None else values
+        return StepLog(loss, applied > 0, stop > 0, self.grad_norm, self.data_wait_s, self.logs)
+
+
+def _follows_the_step(module: nn.Module) -> list[torch.Tensor]:
+    """What the method's `after_optimizer_step` may write (its parameters and buffers): restored on the
+    device after a skipped step. Empty when the method keeps the base class's hook, which writes nothing."""
+    from pipeline.methods.base import Method
+
+    if type(module).after_optimizer_step is Method.after_optimizer_step:
+        return []
+    return [*module.parameters(), *module.buffers()]
+
+
+def _after_step(module: nn.Module, skipped: torch.Tensor, step: int, total_steps: int) -> dict[str, Any]:
+    """The method's after-step hook (EMA targets, normalised prototypes), undone where `skipped`: every
+    tensor it may write is snapshotted and put back with a lerp of weight 0 or 1, exact for the finite
+    values a masked step leaves (integer buffers by `torch.where`)."""
+    tensors = _follows_the_step(module)
+    saved = [t.detach().clone() for t in tensors]
+    logs = module.after_optimizer_step(step, total_steps)
+    if tensors:
+        floats = [i for i, t in enumerate(tensors) if t.is_floating_point()]
+        with torch.no_grad():
+            if floats:
+                weight = skipped.to(tensors[floats[0]].dtype)
+                torch._foreach_lerp_([tensors[i] for i in floats], [saved[i] for i in floats], weight)
+            for t, old in zip(tensors, saved, strict=True):
+                if not t.is_floating_point():
+                    torch.where(skipped, old, t, out=t.data)
+    return logs
+
+
 def train_step(
     engine: Engine, batches: Iterator[Any], ctx: StepContext, step: int, stop_requested: bool
-) -> StepLog:
+) -> DeviceStep:
     """One optimizer step over `grad_accum_steps` micro-batches; the update is skipped on any NaN/Inf.
 
     Every micro-batch runs its backward (a NaN only poisons gradients that are then dropped), so all
-    ranks enter the same gradient reductions; the skip/stop decision is taken once, before the update."""
+    ranks enter the same gradient reductions; the skip is a device flag, the same on every rank."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     n_bad = torch.zeros((), dtype=torch.float64, device=ctx.device)
     logs: dict[str, Any] = {}
@@ -244,14 +291,22 @@ def train_step(
         n_bad += (~finite).double()
         engine.backward(loss)
         logs.update(method_logs)
-    total, finite_step, stop = _global_flags(loss_sum, n_bad, stop_requested, ctx.world_size)
-    if not finite_step:
-        engine.skip()
-        return StepLog(float("nan"), False, stop, float("nan"), wait, logs)
+    total, bad, stops = _global_flags(loss_sum, n_bad, stop_requested, ctx.world_size).unbind()
+    skipped = bad > 0
     engine.module.after_backward(step, ctx.total_steps)  # the method's gradient edits, before clipping
-    grad_norm = engine.step()
-    logs.update(engine.module.after_optimizer_step(step, ctx.total_steps))  # e.g. EMA targets follow
-    return StepLog(total / (ctx.world_size * ctx.grad_accum_steps), True, stop, grad_norm, wait, logs)
+    grad_norm = engine.step(skipped)
+    logs.update(_after_step(engine.module, skipped, step, ctx.total_steps))  # e.g. EMA targets follow
+    mean_loss = torch.where(skipped, math.nan, total / (ctx.world_size * ctx.grad_accum_steps))
+    flags = torch.stack([mean_loss, (~skipped).double(), (stops > 0).double()])
+    return DeviceStep(flags, skipped, grad_norm, wait, logs)
+
+
+def meter_add(meter: Throughput, t0: float, data_wait_s: float) -> float:
+    """Add the time since `t0` to `meter`; returns now, the next step's `t0`. Summed between two reads
+    the times are the wall time of the steps in between, whatever the device ran ahead or behind."""
+    now = time.perf_counter()
+    meter.add(now - t0, data_wait_s)
+    return now
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -340,21 +395,27 @@ class Trainer:
             config_dict=config,
             device=self.env.device,
         )
-        guard = BadStepGuard(cfg.train.max_bad_steps)
+        guard = BadStepGuard(cfg.train.max_bad_steps, self.env.device)
         meter = Throughput(budget.global_batch_size, self.env.world_size)
         stop = StopRequest().install()
         try:
             while progress.step < budget.last_step and state.stopped_by is None:
                 batches = state.epoch_batches()
                 self.engine.module.train()
+                t0 = time.perf_counter()  # a running clock: between reads it times launches, not the GPU
                 while not budget.epoch_done(progress.batches_in_epoch) and progress.step < budget.last_step:
-                    t0 = time.perf_counter()
-                    schedule, result = self.step(batches, progress.step, stop.requested)
-                    progress.advance(budget.grad_accum_steps, result.finite)
-                    guard.record(result.finite)
+                    schedule, outcome = self.step(batches, progress.step, stop.requested)
+                    progress.advance(budget.grad_accum_steps)
+                    guard.record(outcome.skipped)
+                    if not self.check_due(progress.step, progress.batches_in_epoch, checkpointer):
+                        t0 = meter_add(meter, t0, outcome.data_wait_s)
+                        continue
+                    values = torch.cat([outcome.flags, guard.counts]).tolist()  # the host's one read
+                    t0 = meter_add(meter, t0, outcome.data_wait_s)  # the read waited for every step since
+                    result = outcome.read(values[:3])
+                    progress.bad_steps += guard.take(values[3:])
                     if result.stop:
                         state.stopped_by = stop.signal_name or PEER_SIGNAL
-                    meter.add(time.perf_counter() - t0, result.data_wait_s)
                     logger.log_step(progress, result, schedule, meter)
                     guard.check(progress.step, checkpointer.last)  # after logging: the bad step is in the log
                     checkpointer.save(progress.step, bad_streak=guard.in_a_row > 0, stopping=result.stop)
@@ -371,9 +432,22 @@ class Trainer:
             print(f"stopped by {state.stopped_by} after step {progress.step}; checkpoint {last}", flush=True)
         return TrainResult(progress.step, progress.epoch, state.stopped_by, checkpointer.last)
 
+    def check_due(self, step: int, batches_in_epoch: int, checkpointer: Checkpointer) -> bool:
+        """Whether the host reads the flags after step `step`: at every step that logs a row, may write a
+        checkpoint (which needs the bad-step streak) or ends the epoch or the run, and every
+        `CHECK_EVERY_STEPS` steps so that a stop signal is obeyed soon. The same steps on every rank."""
+        every_log = self.cfg.logging.every_steps
+        return (
+            step % every_log == 0
+            or step % CHECK_EVERY_STEPS == 0
+            or step == self.budget.last_step
+            or checkpointer.due(step)
+            or self.budget.epoch_done(batches_in_epoch)
+        )
+
     def step(
         self, batches: Iterator[Any], step: int, stop_requested: bool = False
-    ) -> tuple[dict[str, float], StepLog]:
+    ) -> tuple[dict[str, float], DeviceStep]:
         """Optimizer step `step` of the run: the schedule's lr, weight decay, momentum, then `train_step`."""
         at = step - self.budget.step_offset  # the schedule's position
         values = self.schedule.apply(self.engine.optimizer, at)

@@ -10,6 +10,8 @@ __getattr__ = lazy_attributes(
     {
         "LARS": ".lars",
         "build_optimizer": ".build",
+        "init_state": ".build",
+        "skipped_if": ".build",
         "param_groups": ".build",
         "Schedule": ".schedule",
         "build_schedule": ".schedule",
@@ -17,4 +19,14 @@ __getattr__ = lazy_attributes(
     },
 )
 
-__all__ = ["LARS", "OptimConfig", "Schedule", "build_optimizer", "build_schedule", "param_groups", "peak_lr"]
+__all__ = [
+    "LARS",
+    "OptimConfig",
+    "Schedule",
+    "build_optimizer",
+    "build_schedule",
+    "init_state",
+    "param_groups",
+    "peak_lr",
+    "skipped_if",
+]

@@ -1,6 +1,15 @@
-"""`build_optimizer`: two parameter groups (weights; biases and norms) for LARS, SGD or AdamW."""
+"""`build_optimizer`: two parameter groups (weights; biases and norms) for LARS, SGD or AdamW.
+
+All three honour `found_inf` (GradScaler's protocol): the trainer sets a device flag on the optimizer and
+a NaN/Inf step is skipped on the device, without a host read. torch's SGD and AdamW do so only in their
+fused form, so they are built fused (CPU and CUDA kernels alike); `init_state` creates their state up
+front, because a fused first step that is skipped would leave `empty_like` momentum buffers behind.
+"""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -33,5 +42,35 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, global_batch_size: int) 
     if cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, cfg.beta2), eps=cfg.eps)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, cfg.beta2), eps=cfg.eps, fused=True)
+
+
+def init_state(optimizer: torch.optim.Optimizer) -> None:
+    """The state a first step would create (zero momentum and moments, step 0), for every parameter of
+    every group that has none: a skipped first step then leaves it as it was, and the first real step
+    computes exactly what a lazily created state gives (momentum x 0 + g = g)."""
+    adam = isinstance(optimizer, torch.optim.AdamW)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state:
+                continue
+            if adam:
+                step_device = p.device if group.get("fused") or group.get("capturable") else None
+                state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif group.get("momentum", 0) != 0:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+@contextlib.contextmanager
+def skipped_if(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> Iterator[None]:
+    """Steps taken inside leave weights and state bit-identical where the device flag `skip` is set:
+    GradScaler's `found_inf` (a float device scalar), set on the optimizer for these steps only."""
+    optimizer.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        optimizer.found_inf = None  # type: ignore[attr-defined]

@@ -9,6 +9,10 @@ Parameters with ndim <= 1 (biases, BN/LN scales and shifts) skip both weight dec
 plain SGD with momentum. The ratio is chosen with `torch.where`, so a step never syncs with the host,
 and every stage runs as multi-tensor (`torch._foreach_*`) ops over a group's parameters: a handful of
 kernels per step instead of several per parameter (ResNet-50 has 161 parameter tensors).
+
+`found_inf` (GradScaler's protocol for fused optimizers): a device scalar set on the optimizer before
+`step`; where it is 1 the step leaves every weight and momentum buffer bit-identical, decided on the
+device (one `torch.where` per tensor), so a skipped step needs no host read either.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -70,7 +75,14 @@ class LARS(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 bufs.append(state["momentum_buffer"])
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, updates)
-            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+            if found_inf is None:
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, updates)
+                torch._foreach_add_(params, bufs, alpha=-group["lr"])
+                continue
+            new_bufs = torch._foreach_add(torch._foreach_mul(bufs, group["momentum"]), updates)
+            new_params = torch._foreach_add(params, new_bufs, alpha=-group["lr"])
+            skip = found_inf.to(torch.bool)  # a dtype cast on the device, not a read
+            for old, new in zip([*bufs, *params], [*new_bufs, *new_params], strict=True):
+                torch.where(skip, old, new, out=old)
         return loss
