@@ -34,7 +34,12 @@ MIXED_HOST_MEMORY_PADDING = 140_544_512
 
 
 def _augment(images, spec: ViewSpec, *, float16: bool, channels_last: bool):
-    """One view of a recipe as DALI ops; `images` are decoded uint8 HWC (CPU or GPU)."""
+    """One view of a recipe as DALI ops; `images` are decoded uint8 HWC (CPU or GPU).
+
+    Every op runs on every sample, with identity parameters where a sample was not selected, so the
+    graph has no conditionals (which split and merge the batch: 13,000 against 22,000 images/s on an
+    H100): blur is a per-sample window of 1 (a single tap of weight 1) when unselected, solarisation a
+    per-sample threshold of 256, above any uint8 pixel."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
@@ -59,16 +64,18 @@ def _augment(images, spec: ViewSpec, *, float16: bool, channels_last: bool):
             saturation=factor(spec.saturation) * keep_colour,
             hue=jitter * fn.random.uniform(range=[-spec.hue * 360.0, spec.hue * 360.0]),  # degrees
         )
-    # Static `if` outside, DALI conditional inside: `and` would mix a Python bool into the DALI graph.
-    if spec.blur_p > 0:  # noqa: SIM102
-        if fn.random.coin_flip(probability=spec.blur_p, dtype=types.BOOL):
-            view = fn.gaussian_blur(
-                view, window_size=spec.blur_kernel, sigma=fn.random.uniform(range=list(spec.blur_sigma))
-            )
-    if spec.solarize_p > 0:  # noqa: SIM102
-        if fn.random.coin_flip(probability=spec.solarize_p, dtype=types.BOOL):
-            above = view >= round(spec.solarize_threshold * 255)  # invert pixels at or above the threshold
-            view = fn.cast(view + above * (255 - 2 * view), dtype=types.UINT8)
+    if spec.blur_p > 0:
+        blur = fn.random.coin_flip(probability=spec.blur_p)  # int32 0/1
+        view = fn.gaussian_blur(
+            view,
+            window_size=1 + blur * (spec.blur_kernel - 1),  # 1: the identity
+            sigma=fn.random.uniform(range=list(spec.blur_sigma)),
+        )
+    if spec.solarize_p > 0:
+        solarize = fn.random.coin_flip(probability=spec.solarize_p)
+        threshold = 256 - solarize * (256 - round(spec.solarize_threshold * 255))  # 256: no pixel reaches it
+        above = view >= threshold  # invert pixels at or above the threshold
+        view = fn.cast(view + above * (255 - 2 * view), dtype=types.UINT8)
     return fn.crop_mirror_normalize(
         view,
         mirror=fn.random.coin_flip(probability=spec.flip_p),
