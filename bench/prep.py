@@ -1,13 +1,22 @@
-"""`python -m bench prep`: sharding throughput. The same folder of real JPEGs is sharded by a plain
-single-process `webdataset.ShardWriter` loop (bytes copied as-is, nothing checked), by that loop plus a
-full PIL decode of every image (the check data_prep makes), and by `data_prep shard --workers W`
-(decode check, sha256, `.idx`, manifest, atomic publish) timed end to end as a subprocess.
-Each variant runs `--repeat` times and the fastest is reported (this machine is shared and noisy).
-Prints one JSON object per line, the last one with the ratios."""
+"""`python -m bench prep`: data_prep's throughput and memory, one JSON object per line.
+
+- `shard` rows: the same folder of real JPEGs is sharded by a plain single-process
+  `webdataset.ShardWriter` loop (bytes copied as-is, nothing checked), by that loop plus a full PIL
+  decode of every image (the check data_prep makes), and by `data_prep shard --workers W` (decode
+  check, sha256, `.idx`, manifest, atomic publish) timed end to end as a subprocess. Each variant runs
+  `--repeat` times and the fastest is reported (this machine is shared and noisy); the last row has the
+  ratios.
+- `index` rows: `data_prep index` over synthetic tars in img2dataset's layout (key.jpg, key.txt,
+  key.json), timed end to end as a subprocess with 1 and W workers: samples/s per worker, and proof that
+  no tar byte changed (sha256 before and after).
+- `plan` row: the peak memory (ru_maxrss) of a process that plans one part of `--parts` over a
+  synthetic parquet listing of `--plan-items` items per part (S3 Inventory-like URLs with a label).
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -20,8 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
+
+from data_prep.tarwriter import TarWriter
 
 REPO = Path(__file__).resolve().parent.parent
 DATASETS = {"imagenette": "imagenette2-224", "cifar10": "cifar10"}
@@ -98,6 +112,99 @@ def data_prep_run(src: Path, out: Path, samples_per_shard: int, workers: int) ->
     return time.perf_counter() - start
 
 
+def write_synthetic_tars(folder: Path, samples: int, per_tar: int, image_bytes: int) -> list[Path]:
+    """img2dataset's layout with random bytes for the image (index never decodes it); written with
+    data_prep's own deterministic tar writer, which is much faster than ShardWriter at a million samples."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    payload = rng.bytes(image_bytes)
+    paths = []
+    for t, start in enumerate(range(0, samples, per_tar)):
+        path = folder / f"{t:06d}.tar"
+        with open(path, "wb") as f:
+            tar = TarWriter(f)
+            for n in range(start, min(start + per_tar, samples)):
+                key = f"{n:09d}"
+                tar.add(f"{key}.jpg", payload)
+                tar.add(f"{key}.txt", f"caption {n}".encode())
+                tar.add(f"{key}.json", json.dumps({"key": key, "label": n % 1000}).encode())
+            tar.close()
+        paths.append(path)
+    return paths
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def index_rows(args: argparse.Namespace, tmp: Path) -> None:
+    tars = write_synthetic_tars(tmp / "wds", args.index_samples, args.index_per_tar, args.index_image_bytes)
+    before = {p.name: _sha256(p) for p in tars}
+    common = {"bench": "prep", "variant": "data_prep index", "samples": args.index_samples, "tars": len(tars)}
+    common["gigabytes"] = round(sum(p.stat().st_size for p in tars) / 1e9, 2)
+    for workers in sorted({1, args.workers}):
+        times, in_run = [], []
+        for r in range(args.repeat):
+            out = tmp / f"index-{workers}-{r}"
+            cmd = [sys.executable, "-m", "data_prep", "index", str(tmp / "wds"), "--out", str(out)]
+            cmd += ["--workers", str(workers), "--label-key", "json:label"]
+            start = time.perf_counter()
+            done = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
+            times.append(time.perf_counter() - start)
+            in_run.append(float(done.stdout.rsplit(" in ", 1)[1].split(" s ")[0]))  # "read in 12.3 s (..."
+            shutil.rmtree(out)
+        rate = args.index_samples / min(in_run)
+        untouched = {p.name: _sha256(p) for p in tars} == before
+        row = {
+            "workers": workers,
+            "seconds": round(min(in_run), 2),
+            "seconds_end_to_end": round(min(times), 2),
+        }
+        row |= {"samples_per_s": round(rate), "samples_per_s_per_worker": round(rate / workers)}
+        print(json.dumps(common | row | {"tars_untouched": untouched, "cpus": os.cpu_count()}), flush=True)
+
+
+PLAN_PROBE = """
+import json, sys, time
+from data_prep.parts import Part
+from data_prep.shard import ShardConfig, collect, make_plan
+from data_prep.sources import stream_listing
+
+def status_mib(field):  # VmHWM: this process's peak RSS (ru_maxrss can carry the parent's over exec)
+    line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
+    return round(int(line.split()[1]) / 1024)
+
+base, start, part = status_mib("VmRSS"), time.perf_counter(), Part(0, int(sys.argv[2]))
+items = collect(stream_listing(sys.argv[1], "auto"), part)
+plan = make_plan(items, ShardConfig(samples_per_shard=1000), part)
+row = {"items": len(items.refs), "listed": items.listed, "shards": len(plan.slots)}
+row |= {"seconds": round(time.perf_counter() - start, 1), "peak_mib": status_mib("VmHWM")}
+row["imports_mib"] = base
+print(json.dumps(row))
+"""
+
+
+def plan_row(args: argparse.Namespace, tmp: Path) -> None:
+    listing = tmp / "inventory.parquet"
+    total = args.plan_items * args.parts
+    schema = pa.schema([("url", pa.string()), ("label", pa.int32())])
+    with pq.ParquetWriter(listing, schema) as writer:
+        for start in range(0, total, 1_000_000):
+            n = np.arange(start, min(start + 1_000_000, total))
+            urls = pa.array([f"s3://bucket/images/{i % 1000:03d}/{i:010d}.jpg" for i in n.tolist()])
+            writer.write_table(
+                pa.table({"url": urls, "label": pa.array(n % 1000, pa.int32())}, schema=schema)
+            )
+    probe = [sys.executable, "-c", PLAN_PROBE, str(listing), str(args.parts)]
+    done = subprocess.run(probe, cwd=REPO, check=True, capture_output=True, text=True)
+    row = {"bench": "prep", "variant": "plan one part", "parts": args.parts} | json.loads(done.stdout)
+    print(json.dumps(row | {"listing_megabytes": round(listing.stat().st_size / 1e6, 1)}), flush=True)
+
+
 def main(argv: list[str]) -> int:
     default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "contrastive-pipeline"
     parser = argparse.ArgumentParser(
@@ -114,7 +221,25 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3, help="runs per variant; the fastest is reported")
+    parser.add_argument("--rows", default="shard,index,plan", help="which rows: shard, index, plan")
+    parser.add_argument("--index-samples", type=int, default=1_000_000, help="samples in the synthetic tars")
+    parser.add_argument("--index-per-tar", type=int, default=10_000, help="samples per synthetic tar")
+    parser.add_argument("--index-image-bytes", type=int, default=2048, help="size of each synthetic image")
+    parser.add_argument("--plan-items", type=int, default=10_000_000, help="listed items per part")
+    parser.add_argument("--parts", type=int, default=2, help="parts the synthetic listing is split into")
     args = parser.parse_args(argv)
+    rows = set(args.rows.split(","))
+    with tempfile.TemporaryDirectory(prefix="bench-prep-") as tmp:
+        if "index" in rows:
+            index_rows(args, Path(tmp))
+        if "plan" in rows:
+            plan_row(args, Path(tmp))
+    if "shard" in rows:
+        shard_rows(args)
+    return 0
+
+
+def shard_rows(args: argparse.Namespace) -> None:
 
     src = args.src or extract_slice(args.data_root, args.dataset, args.images, args.cache)
     files = list_images(src)
@@ -163,4 +288,3 @@ def main(argv: list[str]) -> int:
             }
         )
     )
-    return 0

@@ -6,9 +6,11 @@ verify of foreign shards, and refusals in one line."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
+import tarfile
 from pathlib import Path
 
 import fsspec
@@ -17,6 +19,7 @@ import webdataset as wds
 from wds2idx import IndexCreator
 
 from data_prep.__main__ import main
+from data_prep.index import DamagedTar, _tarfile_members, build_index, iter_members
 from data_prep.manifest import read_manifest
 from data_prep.shardspec import expand_shard_spec
 from data_prep.sources import SourceError
@@ -85,8 +88,6 @@ def test_index_adopts_tars_in_place_without_rewriting_a_byte(wds_tars: Path, tmp
 
 
 def _members(tar: Path) -> dict[str, bytes]:
-    import tarfile
-
     with tarfile.open(tar) as t:
         return {m.name: t.extractfile(m).read() for m in t if m.isreg()}
 
@@ -225,3 +226,44 @@ def test_index_on_s3_in_place_and_into_a_local_out(s3_server, wds_tars: Path, tm
         fs.cat_file("wds-bucket/laion/shards-000001.idx").decode() == (out / "shards-000001.idx").read_text()
     )
     assert main(["verify", "s3://wds-bucket/laion"]) == 0
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_header_scan_matches_tarfile_for_every_tar_format(fmt: int, tmp_path: Path) -> None:
+    """Long member names are stored as a ustar prefix, a GNU long-name record or a pax record; the
+    header-only scan must find each member's data where tarfile does. wds2idx (GNU tar's --block-number)
+    agrees except for GNU long names, where it points at the long-name record instead of the data."""
+    path = tmp_path / "t.tar"
+    deep = "d" * 60 + "/" + "e" * 60  # 121 chars: needs the prefix field, a GNU or a pax record
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for i, key in enumerate(("a", f"{deep}/b", "c")):
+            for ext, size in (("jpg", 700), ("json", 3)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime = size, 1.5 if fmt == tarfile.PAX_FORMAT else 1
+                tar.addfile(info, io.BytesIO(bytes([i + 1]) * size))
+    with open(path, "rb") as f:
+        index = build_index(f)
+    data = path.read_bytes()
+    with tarfile.open(path) as tar:
+        contents = {m.name: tar.extractfile(m).read() for m in tar}
+    for line in index.splitlines()[1:]:
+        fields = line.split()
+        for ext, offset, size, name in zip(*[iter(fields)] * 4, strict=True):
+            assert name.endswith(ext) and data[int(offset) : int(offset) + int(size)] == contents[name]
+    if fmt != tarfile.GNU_FORMAT:
+        with IndexCreator(str(path), str(tmp_path / "ref.idx"), verbose=False) as creator:
+            creator.create_index()
+        assert index == (tmp_path / "ref.idx").read_text()
+    with open(path, "rb") as f, open(path, "rb") as g:
+        members = list(iter_members(f))
+        assert members == list(_tarfile_members(g))
+    data = path.read_bytes()
+    (_, first, first_size, _), (_, second, _, _) = members[:2]
+    with pytest.raises(DamagedTar, match="cut off"):
+        build_index(io.BytesIO(data[: first + first_size // 2]))
+    with pytest.raises(DamagedTar, match="no tar header at byte"):
+        build_index(io.BytesIO(data[: second - 400]))
+    corrupt = bytearray(data)
+    corrupt[second - 512 + 5] ^= 0x20  # a name byte of the second member's header
+    with pytest.raises(DamagedTar, match="checksum"):
+        build_index(io.BytesIO(bytes(corrupt)))
