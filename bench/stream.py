@@ -14,7 +14,9 @@ Three passes, one JSON object per line on stdout:
   the counts do not depend on it). Per rank, the proxy's counts are taken when the epoch's last batch
   arrives. Reported: bytes fetched (all GETs: shards, indexes, manifest) against the bytes of the
   shards each rank read (summed over ranks, and the worst rank) and against the split's shard bytes,
-  GET requests per sample delivered.
+  GET requests per sample delivered. Every rank is counted up to `--count-ranks` (default 8); above it,
+  that many evenly spaced ranks (0 and W - 1 among them), and the split ratio scales their sum by
+  W / ranks counted (a building rank forks its workers: 64 of them take too long on 2 cores).
 - `timing`: rank 0's loader at each W, in a fresh subprocess, once reading s3:// through the proxy at
   `--latency-ms` and once reading the same shards from local files: images/s after the first batch
   (up to `--timed-batches` batches), the first batch's time, and memory of the rank: the process's
@@ -201,7 +203,8 @@ def count_rank(server: S3Server, cfg: DataConfig, shard_bytes: dict[str, int], r
 def count_epoch(
     server: S3Server, cfg: DataConfig, shard_bytes: dict[str, int], world_size: int, ranks: list[int]
 ) -> dict:
-    """Every listed rank's epoch, summed; ratios against the shards read and the split's shard bytes."""
+    """The listed ranks' epochs, summed; ratios against the shards read and the split's shard bytes
+    (when only some ranks are listed, their sum scaled to W ranks)."""
     per_rank = [count_rank(server, cfg, shard_bytes, r, world_size) for r in ranks]
     total = {key: sum(r[key] for r in per_rank) for key in per_rank[0]}
     split_bytes = sum(shard_bytes.values())
@@ -216,7 +219,7 @@ def count_epoch(
         "shard_bytes_fetched_per_shard_byte_read": round(
             total["shard_bytes_fetched"] / total["shard_bytes_read"], 4
         ),
-        "fetched_per_split_byte": round(total["bytes_fetched"] / split_bytes, 4),
+        "fetched_per_split_byte": round(total["bytes_fetched"] * world_size / len(ranks) / split_bytes, 4),
         "gets_per_sample": round(total["get_requests"] / total["samples"], 5),
     }
 
@@ -382,6 +385,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--count-latency-ms", type=float, default=0.0, help="per request, count pass (default: 0)")
     p.add_argument("--passes", default="count,timing,startup", help="comma list of count, timing, startup")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers / DALI threads per rank")
+    p.add_argument("--count-ranks", type=int, default=8, help="ranks counted per W at most (default: 8)")
     p.add_argument(
         "--timed-batches", type=int, help="batches timed after the first (default: 32; --quick: 4)"
     )
@@ -413,9 +417,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"{option}: unknown {','.join(unknown)}; expected some of {','.join(allowed)}")
     if min(args.world_sizes) < 1 or min(args.startup_sizes) < 1 or args.timed_batches < 1:
         p.error("--world-sizes, --startup-sizes and --timed-batches must be >= 1")
+    if args.count_ranks < 2:
+        p.error("--count-ranks must be >= 2 (the first and the last rank)")
     if not (args.data_root / "cifar10").is_dir() and "cifar" in args.datasets:
         p.error(f"--data-root {args.data_root} has no cifar10/ folder; point it at the shared data folder")
     return args
+
+
+def counted_ranks(world_size: int, most: int) -> list[int]:
+    """Every rank, or `most` evenly spaced ones (the first and last included)."""
+    if world_size <= most:
+        return list(range(world_size))
+    return sorted({round(n * (world_size - 1) / (most - 1)) for n in range(most)})
 
 
 def measure(server: S3Server, name: str, shards: dict[str, str], backend: str, world_size: int, args) -> None:
@@ -425,7 +438,9 @@ def measure(server: S3Server, name: str, shards: dict[str, str], backend: str, w
     if "count" in args.passes:
         cfg = DataConfig(**loader_config(shards["s3"], backend, batch_size, args.workers))
         shard_bytes = split_shard_bytes(Path(shards["local"]))
-        counts = count_epoch(server, cfg, shard_bytes, world_size, list(range(world_size)))
+        counts = count_epoch(
+            server, cfg, shard_bytes, world_size, counted_ranks(world_size, args.count_ranks)
+        )
         emit({"pass": "count", **row, **counts})
     if "timing" in args.passes:
         emit({"pass": "timing", **row, **timing(server, shards, backend, world_size, batch_size, args)})
