@@ -358,6 +358,7 @@ def _checks(r: int, world: int) -> None:
         for local_crops in (0, 2):
             _check_ddp_step(r, name, local_crops)
     _check_ddp_step(r, "mocov3", 0, negatives="hard", beta=0.5)
+    _check_ddp_step(r, "dcl", 2, weighting="vmf")  # DCLW's weights: a softmax over the global batch
     _check_moco_queue(r)
     _check_swav_queue(r)
 
