@@ -50,9 +50,9 @@ def damaged_first_shard(sample_shards: Path, out: Path, sample: int = 7) -> tupl
     (out / "manifest.json").write_text(json.dumps(manifest))
     for name in (first["name"], first["index"]):
         shutil.copy(sample_shards / name, out / name)
-    shards = load_shard_set(str(out))
-    offset, size = shards.image[sample]
+    index = load_shard_set(str(out)).index(0)
+    offset, size = index.image[sample]
     with open(out / first["name"], "r+b") as f:
         f.seek(int(offset))
         f.write(b"\x00" * int(size))
-    return first["name"], shards.keys[sample]
+    return first["name"], index.keys[sample]

@@ -228,6 +228,7 @@ def test_bench_loader_times_each_backend_after_a_warm_up(sample_val_shards):
 FEW_DESCRIPTORS = """
 import resource, sys
 import torch
+from pipeline.data.reading import StoredBatches
 from pipeline.data.resident import decode_resident
 from pipeline.data.shards import load_shard_set
 from pipeline.data.streaming import StreamingSource
@@ -235,8 +236,7 @@ from pipeline.data.streaming import StreamingSource
 resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 shards, cpu = load_shard_set(sys.argv[1]), torch.device("cpu")
 resident = decode_resident(shards, device=cpu, budget_bytes=2**30, num_workers=2)
-sampler = [[(i, 0) for i in range(lo, lo + 250)] for lo in range(0, shards.num_samples, 250)]
-stream = StreamingSource(shards, sampler, device=cpu, num_workers=2, prefetch=4, decode_on_device=True)
+stream = StreamingSource(shards, StoredBatches(shards, 250, lag=10), device=cpu, num_workers=2, prefetch=4, decode_on_device=True)
 streamed = [(len(images), replaced) for images, _, _, replaced in stream]
 print(len(resident.images), resident.replaced_samples, *map(sum, zip(*streamed, strict=True)))
 """
@@ -259,11 +259,12 @@ def test_decoding_holds_no_file_descriptor_per_image(sample_shards):
 
 def test_decoding_on_the_device_gives_the_workers_pixels(sample_val_shards):
     """The GPU's streaming path (workers read, `decode_jpeg` decodes each batch), run on the CPU."""
+    from pipeline.data.reading import StoredBatches
     from pipeline.data.shards import load_shard_set
     from pipeline.data.streaming import StreamingSource
 
     shards = load_shard_set(str(sample_val_shards))
-    sampler = [[(i, 0) for i in range(lo, lo + 125)] for lo in range(0, 500, 125)]
+    sampler = StoredBatches(shards, 125)
     cpu = torch.device("cpu")
     paths = [
         list(StreamingSource(shards, sampler, device=cpu, num_workers=1, prefetch=2, decode_on_device=d))

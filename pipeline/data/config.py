@@ -9,6 +9,7 @@ from pipeline.data.recipes import resolve_views
 from pipeline.schema import Bound, ConfigError, Section
 
 Probability = Annotated[float, Bound(ge=0, le=1)]
+MAX_BUDGET_GIB = 2.0**20  # a pebibyte: any larger (inf, 1e300) is a typo, and would overflow a byte count
 
 
 @dataclass(frozen=True)
@@ -67,20 +68,24 @@ class DataConfig(Section, key="data"):
     batch_size: Annotated[int, Bound(ge=1)] = 256
     num_workers: Annotated[int, Bound(ge=0)] = 4
     recipe: str = "simclr"
-    image_size: Annotated[int, Bound(ge=1)] = 224
+    # at least 2 px: the blur's reflect padding needs a row on each side of the centre
+    image_size: Annotated[int, Bound(ge=2)] = 224
     global_crops: Annotated[int, Bound(ge=1)] | None = None
     local_crops: Annotated[int, Bound(ge=0)] | None = None
-    local_image_size: Annotated[int, Bound(ge=1)] = 96
+    local_image_size: Annotated[int, Bound(ge=2)] = 96
     dtype: Literal["float32", "float16"] = "float32"
-    # samples mixed at once (DALI: initial_fill; cpu: window of the epoch order)
+    # samples mixed at once: a window of a rank's part of the epoch (a few shards), read and shuffled together
     shuffle_buffer: Annotated[int, Bound(ge=1)] = 4096
     # batches prepared ahead per worker (cpu) / pipeline queue depth (dali)
     prefetch: Annotated[int, Bound(ge=1)] = 2
-    index_cache_dir: str | None = None  # where .idx files of remote (s3://) shards are staged for DALI
+    # remote (s3://) shards: windows of `shuffle_buffer` samples are fetched in large ranged reads into
+    # `stage_dir` (default: the system's temp folder), `read_ahead_windows` ahead of the one being read
+    stage_dir: str | None = None
+    read_ahead_windows: Annotated[int, Bound(ge=1)] = 1
     # torch backend: keep the decoded split on the device (`resident`), decode each batch (`stream`), or
     # `auto`: resident when its uint8 pixels fit `resident_budget_gib`, streaming otherwise
     source: Literal["auto", "resident", "stream"] = "auto"
-    resident_budget_gib: Annotated[float, Bound(gt=0)] = 4.0
+    resident_budget_gib: Annotated[float, Bound(gt=0, le=MAX_BUDGET_GIB)] = 4.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:

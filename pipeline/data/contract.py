@@ -6,11 +6,14 @@ factory that picks a backend, so no backend depends on another.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+from pipeline.data.sampling import Stage
 
 
 @dataclass
@@ -34,9 +37,9 @@ class TrainLoader(Protocol):
     - `set_epoch(e)`: the next `for` reads epoch e (from its start, unless e is the current epoch).
     - `state_dict()`: a picklable position (epoch, batches consumed, and the same in global samples);
       `load_state_dict` of it makes a new loader continue where the saved one stopped, with the same
-      batches (cpu, torch: bit-identical; dali: its reader and random-op checkpoint, restored at the
-      same rank and layout). At another batch size or world size it neither repeats nor skips more
-      than one batch per rank.
+      batches (cpu, torch: bit-identical; dali: the same samples, and its random-op checkpoint restored
+      at the same rank and layout). At another batch size or world size it finishes the epoch with the
+      samples no rank had reached, repeating none (`sampling`).
     """
 
     def __len__(self) -> int: ...
@@ -58,22 +61,32 @@ def memory_format(channels_last: bool, device: torch.device) -> torch.memory_for
 
 class Position:
     """Epoch and batches consumed in it. Iterating continues the current epoch; after a finished
-    epoch the next `for` starts epoch + 1 unless `set_epoch` named one."""
+    epoch the next `for` starts epoch + 1 unless `set_epoch` named one.
+
+    `stages`: the layouts (world size, batch size) the current epoch was read under before this one,
+    each with where it began and stopped; `first_batch`: the batch (in this layout's units) at which
+    the current layout took over. Both are empty/0 unless a resume changed the layout mid-epoch (see
+    `sampling`)."""
 
     def __init__(self, batches_per_epoch: int) -> None:
         self.batches_per_epoch = batches_per_epoch
         self.epoch = 0
         self.batches_consumed = 0
+        self.stages: list[Stage] = []
+        self.first_batch = 0
         self._advance_on_iter = False
+
+    def _new_epoch(self, epoch: int) -> None:
+        self.epoch, self.batches_consumed, self.stages, self.first_batch = epoch, 0, [], 0
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:  # the same epoch keeps its position: resume calls set_epoch(saved epoch)
-            self.epoch, self.batches_consumed = epoch, 0
+            self._new_epoch(epoch)
         self._advance_on_iter = False
 
     def start_iter(self) -> None:
         if self._advance_on_iter:
-            self.epoch, self.batches_consumed = self.epoch + 1, 0
+            self._new_epoch(self.epoch + 1)
         self._advance_on_iter = False
 
     def consumed_one(self) -> None:
@@ -81,23 +94,37 @@ class Position:
         if self.batches_consumed >= self.batches_per_epoch:
             self._advance_on_iter = True
 
+    def samples_consumed(self, batch_size: int, world_size: int) -> int:
+        """Global samples read in this epoch, over every stage."""
+        earlier = sum((s.batches_consumed - s.first_batch) * s.batch_size * s.world_size for s in self.stages)
+        return earlier + (self.batches_consumed - self.first_batch) * batch_size * world_size
+
     def state_dict(self, batch_size: int, world_size: int) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "batches_consumed": self.batches_consumed,
-            # counted in global samples so a resume at another world size neither repeats nor skips
-            # more than one batch per rank
-            "samples_consumed": self.batches_consumed * batch_size * world_size,
+            # counted in global samples so a resume at another layout continues the epoch's schedule
+            "samples_consumed": self.samples_consumed(batch_size, world_size),
             "batch_size": batch_size,
             "world_size": world_size,
+            "first_batch": self.first_batch,
+            "stages": [dataclasses.asdict(s) for s in self.stages],
         }
 
     def load_state_dict(self, state: dict[str, Any], batch_size: int, world_size: int) -> None:
         self.epoch = int(state["epoch"])
+        self.stages = [Stage(**s) for s in state.get("stages", [])]
+        self.first_batch = int(state.get("first_batch", 0))
         if state.get("batch_size") == batch_size and state.get("world_size") == world_size:
             self.batches_consumed = int(state["batches_consumed"])
-        else:
+        else:  # a new stage: the samples no rank reached, split under this layout
+            consumed = int(state["batches_consumed"])
+            if consumed > self.first_batch:
+                self.stages.append(
+                    Stage(state["world_size"], state["batch_size"], self.first_batch, consumed)
+                )
             per_step = batch_size * world_size
             self.batches_consumed = -(-int(state["samples_consumed"]) // per_step)  # ceil: never repeat
+            self.first_batch = self.batches_consumed
         self.batches_consumed = min(self.batches_consumed, self.batches_per_epoch)
         self._advance_on_iter = False

@@ -1,10 +1,11 @@
-"""CPU backend: index-based reads from the shards + torchvision.transforms.v2 in DataLoader workers.
+"""CPU backend: samples read window by window from the shards + torchvision.transforms.v2 in DataLoader
+workers.
 
 Why not webdataset's streaming pipeline: a stream can only resume by replaying it, and its shuffle
-buffer state lives in the workers. Reading each sample by its `.idx` offset makes the order a pure
-function of (seed, epoch) (see `sampling`), and each sample's augmentation is seeded from
-(seed, epoch, sample id), so a restored loader yields bit-identical batches to an uninterrupted one,
-whatever the number of workers.
+buffer state lives in the workers. Here each rank reads whole shards of its own part of the epoch,
+window by window (`reading`), while the order stays a pure function of (seed, epoch, layout) (see
+`sampling`), and each sample's augmentation is seeded from (seed, epoch, sample id), so a restored
+loader yields bit-identical batches to an uninterrupted one, whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from torchvision.transforms import v2
 
 from pipeline.data.config import DataConfig
 from pipeline.data.contract import Batch
+from pipeline.data.reading import EpochBatches, reader_lag
 from pipeline.data.recipes import ViewSpec, resolve_views
 from pipeline.data.samples import Collate, ShardSamples, init_worker
-from pipeline.data.sampling import EpochBatches
 
 
 def view_transform(spec: ViewSpec) -> v2.Compose:
@@ -75,7 +76,9 @@ class CpuLoader:
         device: torch.device,
         memory_format: torch.memory_format,
     ) -> None:
-        self._batches = EpochBatches.for_rank(cfg, split, rank=rank, world_size=world_size, seed=seed)
+        self._batches = EpochBatches.for_rank(
+            cfg, split, rank=rank, world_size=world_size, seed=seed, lag=reader_lag(cfg)
+        )
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.shards, self.position = self._batches.shards, self._batches.position
         self.views = resolve_views(cfg)

@@ -1,29 +1,32 @@
-"""DALI backend: `fn.readers.webdataset` over the shards + per-view augmentation, on the GPU after a
-`mixed` (nvJPEG) decode, or entirely on the CPU when `device` is the CPU (DALI's `device_id=None` mode).
+"""DALI backend: the project's own reading (`reading.EpochBatches`: whole shards of this rank's part,
+window by window, staged ahead from object storage) feeds an `external_source`; DALI decodes and
+augments each view, on the GPU after a `mixed` (nvJPEG) decode, or entirely on the CPU when `device` is
+the CPU (DALI's `device_id=None` mode).
 
 Probabilities are applied per sample: colour jitter and greyscale by mask arithmetic on the arguments
 of one `color_twist` (factor = 1 + on * (f - 1); greyscale = saturation 0), blur and solarisation by
-DALI conditionals (`if coin_flip:`), so unselected samples cost nothing. The reader loops forever;
-an "epoch" is `len(loader)` batches, equal on every rank (each rank reads its own `shard_id` part of
-the samples). Position: epoch and batches consumed, plus DALI's own checkpoint of the reader and
-random-op state (`enable_checkpointing`), restored when the pipeline is rebuilt.
+DALI conditionals (`if coin_flip:`), so unselected samples cost nothing. An epoch is `len(loader)`
+batches, the same samples in the same order as the cpu and torch backends. Position: ours (it says which
+batch the source gives next), plus DALI's checkpoint of its random-op state (`enable_checkpointing`,
+which accounts for the batches DALI prefetched), restored when the pipeline is rebuilt.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.data import sampling
 from pipeline.data.config import DataConfig
-from pipeline.data.contract import Batch, Position
+from pipeline.data.contract import Batch
+from pipeline.data.reading import EpochBatches
 from pipeline.data.recipes import ViewSpec, resolve_views
-from pipeline.data.samples import decode
-from pipeline.data.shards import IMAGE_EXTS, VERIFY_HINT, SampleReader, load_shard_set, stage_indexes
+from pipeline.data.samples import ShardSamples, decode
+from pipeline.data.shards import VERIFY_HINT, SampleRef
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 # buffers are not reallocated (and the GPU synchronised) whenever a larger image arrives.
 MIXED_DEVICE_MEMORY_PADDING = 211_025_920
 MIXED_HOST_MEMORY_PADDING = 140_544_512
+RECENT_BATCHES = 4  # batches whose refs are kept to name a sample DALI fails to decode
 
 
 def _augment(images, spec: ViewSpec, *, float16: bool, channels_last: bool):
@@ -89,18 +93,15 @@ def _augment(images, spec: ViewSpec, *, float16: bool, channels_last: bool):
 def build_pipeline(
     cfg: DataConfig,
     *,
-    paths: list[str],
-    index_paths: list[str],
-    labelled: bool,
-    shard_id: int,
-    num_shards: int,
+    source: Callable[[], tuple[list[np.ndarray], list[np.ndarray]]],
     seed: int,
     device_id: int | None,
     channels_last: bool,
     checkpoint: bytes | None = None,
 ):
-    """The DALI pipeline; outputs: one batch per view (NHWC when `channels_last`, else NCHW), then the
-    raw `.cls` bytes when `labelled`."""
+    """The DALI pipeline over `source` (each call: one batch of encoded images and their labels, or
+    StopIteration at the epoch's end); outputs: one batch per view (NHWC when `channels_last`, else
+    NCHW), then the labels."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
@@ -109,21 +110,9 @@ def build_pipeline(
 
     @pipeline_def(enable_conditionals=True)
     def graph():
-        exts = [";".join(IMAGE_EXTS)] + (["cls"] if labelled else [])
-        outputs = fn.readers.webdataset(
-            paths=paths,
-            index_paths=index_paths,
-            ext=exts,
-            missing_component_behavior="error",
-            random_shuffle=True,
-            initial_fill=cfg.shuffle_buffer,
-            shuffle_after_epoch=True,
-            shuffle_after_epoch_seed=seed,
-            shard_id=shard_id,
-            num_shards=num_shards,
-            name="reader",
+        encoded, labels = fn.external_source(
+            source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64]
         )
-        encoded = outputs[0] if labelled else outputs
         if device_id is None:
             images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
         else:  # nvJPEG buffers sized for full-size ImageNet images up front, not regrown batch after batch
@@ -137,23 +126,45 @@ def build_pipeline(
         out = [
             _augment(images, v, float16=cfg.dtype == "float16", channels_last=channels_last) for v in views
         ]
-        return (*out, outputs[1]) if labelled else tuple(out)
+        return (*out, labels)
 
-    return graph(
-        batch_size=cfg.batch_size,
-        num_threads=max(1, cfg.num_workers),
-        device_id=device_id,
-        seed=int(np.random.SeedSequence([seed, shard_id]).generate_state(1)[0] >> 1),
-        prefetch_queue_depth=cfg.prefetch,
-        enable_checkpointing=True,
-        checkpoint=checkpoint,
-    )
+    with warnings.catch_warnings():  # our position, not DALI, restores the source: see DaliLoader
+        warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline with external source")
+        return graph(
+            batch_size=cfg.batch_size,
+            num_threads=max(1, cfg.num_workers),
+            device_id=device_id,
+            seed=seed,
+            prefetch_queue_depth=cfg.prefetch,
+            enable_checkpointing=True,
+            checkpoint=checkpoint,
+        )
 
 
 def _is_device_error(e: RuntimeError) -> bool:
     """A CUDA/nvJPEG failure (out of memory, a lost device), which no damaged sample explains."""
     text = str(e).lower()
     return "cuda" in text or "out of memory" in text
+
+
+class _Source:
+    """DALI's external source: the encoded bytes of the current epoch's batches, read from `batches`
+    (lists of SampleRef) as DALI asks for them; the refs of the batches in flight are kept for messages."""
+
+    def __init__(self, samples: ShardSamples) -> None:
+        self.samples = samples
+        self.batches: Iterator[list[SampleRef]] = iter(())
+        self.recent: list[list[SampleRef]] = []
+
+    def __call__(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        refs = next(self.batches)  # StopIteration ends DALI's epoch
+        self.recent = [*self.recent[-RECENT_BATCHES:], refs]
+        encoded, labels = [], []
+        for ref in refs:
+            data, label = self.samples.read(ref)
+            encoded.append(np.frombuffer(data, dtype=np.uint8))
+            labels.append(np.array(label, dtype=np.int64))
+        return encoded, labels
 
 
 class DaliLoader:
@@ -170,18 +181,16 @@ class DaliLoader:
         device: torch.device,
         memory_format: torch.memory_format,
     ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("data.backend dali on a CUDA device, but CUDA is not available")
+        self._batches = EpochBatches.for_rank(
+            cfg, split, rank=rank, world_size=world_size, seed=seed, lag=cfg.prefetch + 2
+        )
         self.cfg, self.rank, self.world_size, self.seed, self.device = cfg, rank, world_size, seed, device
         self.channels_last = memory_format == torch.channels_last  # DALI writes NHWC, read as NCHW views
-        self.shards = load_shard_set(cfg.train_shards, split)
+        self.shards, self.position = self._batches.shards, self._batches.position
         self.views = resolve_views(cfg)
-        self.position = Position(
-            sampling.batches_per_epoch(self.shards.num_samples, cfg.batch_size, world_size)
-        )
-        self._index_paths = stage_indexes(self.shards, cfg.index_cache_dir)
+        self._source = _Source(ShardSamples(self.shards, [], seed=seed, seeded=False))
         self._checkpoint: bytes | None = None
         self._pipe = None
 
@@ -200,12 +209,8 @@ class DaliLoader:
                 )
             self._pipe = build_pipeline(
                 self.cfg,
-                paths=[u.removeprefix("file://") for u in self.shards.shard_urls],
-                index_paths=self._index_paths,
-                labelled=self.shards.labelled,
-                shard_id=self.rank,
-                num_shards=self.world_size,
-                seed=self.seed,
+                source=self._source,
+                seed=int(np.random.SeedSequence([self.seed, self.rank]).generate_state(1)[0] >> 1),
                 device_id=device_id,
                 channels_last=self.channels_last,
                 checkpoint=self._checkpoint,
@@ -216,23 +221,22 @@ class DaliLoader:
     def __iter__(self) -> Iterator[Batch]:
         self.position.start_iter()
         pipe = self._pipeline()
+        pipe.reset()  # a new epoch of the source (DALI ends one at StopIteration)
+        self._source.batches = iter(self._batches)
         while self.position.batches_consumed < self.position.batches_per_epoch:
             try:
                 outputs = pipe.run()
             except RuntimeError as e:
-                if ("decoders" not in str(e) and "readers" not in str(e)) or _is_device_error(e):
-                    raise  # not about the data: no CPU re-decode of the split before reporting it
+                if "decoders" not in str(e) or _is_device_error(e):
+                    raise  # not about the data: no CPU re-decode before reporting it
                 raise RuntimeError(
-                    f"DALI failed reading {self.shards.root} (rank {self.rank}): {e}\n"
+                    f"DALI failed decoding {self.shards.root} (rank {self.rank}): {e}\n"
                     f"{self._first_damaged()}; " + VERIFY_HINT.format(root=self.shards.root)
                 ) from e
             views = [self._to_torch(outputs[v]) for v in range(len(self.views))]
             labels = None
             if self.shards.labelled:
-                raw = outputs[len(self.views)]
-                labels = torch.tensor(
-                    [int(bytes(raw.at(i)).decode()) for i in range(len(raw))], dtype=torch.int64
-                )
+                labels = torch.from_numpy(np.asarray(outputs[len(self.views)].as_tensor()).reshape(-1))
                 labels = labels.to(self.device, non_blocking=True)
             self.position.consumed_one()
             yield Batch(views, labels)
@@ -248,18 +252,14 @@ class DaliLoader:
         return out.permute(0, 3, 1, 2) if self.channels_last else out  # NHWC storage = channels_last
 
     def _first_damaged(self) -> str:
-        """Find the sample DALI choked on by decoding this rank's part of the split on the CPU."""
-        reader = SampleReader(self.shards)
-        n = self.shards.num_samples
-        lo, hi = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
-        for sample_id in range(lo, hi):
-            try:
-                decode(reader.image_bytes(sample_id))
-                if self.shards.labelled:
-                    reader.label(sample_id)
-            except (RuntimeError, OSError, ValueError) as e:
-                return f"first damaged sample: {self.shards.locate(sample_id)} ({e})"
-        return "no damaged sample found by a CPU decode of this rank's samples"
+        """Find the sample DALI choked on by decoding the batches in flight on the CPU."""
+        for refs in self._source.recent:
+            for ref in refs:
+                try:
+                    decode(self._source.samples.read(ref)[0])
+                except (RuntimeError, OSError, ValueError, KeyError) as e:
+                    return f"first damaged sample: {ref.where} ({e})"
+        return "no damaged sample found by a CPU decode of the batches in flight"
 
     def state_dict(self) -> dict[str, Any]:
         state = self.position.state_dict(self.cfg.batch_size, self.world_size)
@@ -267,8 +267,8 @@ class DaliLoader:
         return {**state, "backend": "dali", "rank": self.rank, "dali_checkpoint": checkpoint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Position always; DALI's reader/RNG state only from this rank's own state at the same layout
-        (another rank's checkpoint describes another reader shard)."""
+        """Position always (it says which samples come next); DALI's random-op state only from this rank's
+        own state at the same layout (another rank's checkpoint describes other draws)."""
         self.position.load_state_dict(state, self.cfg.batch_size, self.world_size)
         same = (
             state.get("backend"),
@@ -278,7 +278,7 @@ class DaliLoader:
         ) == ("dali", self.rank, self.cfg.batch_size, self.world_size)
         if not same and state.get("dali_checkpoint") is not None:
             log.info(
-                "rank %d: position restored, DALI reader state not (saved by another rank or layout)",
+                "rank %d: position restored, DALI random state not (saved by another rank or layout)",
                 self.rank,
             )
         self._checkpoint = state.get("dali_checkpoint") if same else None

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from pipeline.data.batch_augment import resize_weights, separable
+from pipeline.data.reading import StoredBatches
 from pipeline.data.recipes import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.resident import OverBudget, ResidentImages, decode_resident
 from pipeline.data.samples import Collate, ShardSamples
@@ -40,8 +41,10 @@ def _resident_split(
 
 
 class EvalLoader:
-    """Yields (images (B, 3, S, S) float32, labels (B,) int64 | None). Rank r reads samples r::world_size,
-    so ranks cover the split disjointly and completely (the last batch may be short)."""
+    """Yields (images (B, 3, S, S) float32, labels (B,) int64 | None). Rank r reads the contiguous part
+    [r*N/W, (r+1)*N/W) of the split in stored order (whole shards, read ahead window by window), so ranks
+    cover the split disjointly and completely, and their parts end to end are the stored order (the
+    last batch may be short)."""
 
     def __init__(
         self,
@@ -58,10 +61,14 @@ class EvalLoader:
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
         resident_budget_gib: float | None = None,
+        limit: int | None = None,
     ) -> None:
         self.shards = load_shard_set(shards, split)
         self.device = device
-        self.ids = list(range(rank, self.shards.num_samples, world_size))
+        lag = 2 * max(1, num_workers) + 2  # the DataLoader's prefetch
+        self.batches = StoredBatches(
+            self.shards, batch_size, rank=rank, world_size=world_size, limit=limit, lag=lag
+        )
         self.batch_size, self.image_size, self.mean, self.std = batch_size, image_size, mean, std
         resize = resize_size or (image_size if image_size <= 64 else round(image_size / 0.875))
         self.resize = resize
@@ -79,12 +86,9 @@ class EvalLoader:
             ]
         )
         dataset = ShardSamples(self.shards, [transform], seed=0, seeded=False)
-        batches = [
-            [(i, 0) for i in self.ids[lo : lo + batch_size]] for lo in range(0, len(self.ids), batch_size)
-        ]
         self._loader = DataLoader(
             dataset,
-            batch_sampler=batches,
+            batch_sampler=self.batches,
             num_workers=num_workers,
             collate_fn=Collate(torch.float32, torch.contiguous_format),
             pin_memory=device.type == "cuda",
@@ -110,8 +114,9 @@ class EvalLoader:
     def _resident_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
-        for lo in range(0, len(self.ids), self.batch_size):
-            ids = torch.tensor(self.ids[lo : lo + self.batch_size], dtype=torch.int64)
+        part = self.batches.part
+        for lo in range(0, part.size, self.batch_size):
+            ids = torch.from_numpy(part.ids(lo, min(part.size, lo + self.batch_size)))
             images, sizes, labels = self.resident.gather(ids)
             # Resize the shorter side to `resize`, centre-crop `image_size`: a centred square of the source.
             side = sizes.min(1).values.float() * self.image_size / self.resize
@@ -137,11 +142,13 @@ def build_eval_loader(
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
     resident_budget_gib: float | None = None,
+    limit: int | None = None,
 ) -> EvalLoader:
     """Eval loader over `shards` (folder/URL with manifest.json). `split` None: the manifest's only split.
     `resize_size` None: the shorter side to image_size / 0.875 (image_size itself at <= 64 px).
     `resident_budget_gib`: decode the split once into `device` memory when it fits (kept for later calls
-    in this process; the torch backend's path), else read the shards each time."""
+    in this process; the torch backend's path), else read the shards each time. `limit`: only the first
+    `limit` samples of the split (stored order), split among the ranks."""
     return EvalLoader(
         shards,
         image_size=image_size,
@@ -155,4 +162,5 @@ def build_eval_loader(
         mean=mean,
         std=std,
         resident_budget_gib=resident_budget_gib,
+        limit=limit,
     )

@@ -1,4 +1,4 @@
-"""Samples read from the shards by sample id, for DataLoader workers: decode, the rule for damaged
+"""Samples read from the shards by `SampleRef`, for DataLoader workers: decode, the rule for damaged
 samples (replaced by the next readable one, logged and counted), batching, and the workers' setup.
 Shared by the cpu and torch training backends, the resident decode and the eval loader.
 """
@@ -21,7 +21,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.data import sampling
 from pipeline.data.batch_augment import pad_images
-from pipeline.data.shards import VERIFY_HINT, SampleReader, ShardSet, UnreadableShards
+from pipeline.data.shards import VERIFY_HINT, SampleRef, ShardSet, UnreadableShards, read_label
 
 log = logging.getLogger(__name__)
 TOO_MANY_FILES = (errno.EMFILE, errno.ENFILE)
@@ -29,64 +29,92 @@ MAX_REPLACEMENTS = 32  # consecutive undecodable samples before giving up: the s
 
 
 def decode(data: bytes) -> torch.Tensor:
-    """JPEG/PNG/WebP bytes -> uint8 (3, H, W) RGB (greyscale converted)."""
+    """JPEG/PNG/WebP bytes -> uint8 (3, H, W) RGB: the one place where every training and eval path
+    normalises bit depth and mode. libpng/libjpeg expand grey, 1-bit, palette, LA/RGBA (alpha dropped)
+    and CMYK to RGB; a 16-bit PNG comes back uint16 and is rescaled here (round(v * 255 / 65535)), as a
+    uint8 batch would otherwise keep its low byte."""
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
         warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    if image.dtype == torch.uint16:
+        image = ((image.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+    return image
 
 
 class ShardSamples(Dataset):
-    """Item (sample id, epoch) -> (views, label, replaced). An undecodable sample is replaced by the
-    next readable one (deterministically), logged and counted, so batch shapes never change."""
+    """Items are `SampleRef`s -> (views, label, replaced). An undecodable sample is replaced by the next
+    readable one of its batch (deterministically), logged and counted, so batch shapes never change."""
 
     def __init__(self, shards: ShardSet, transforms: list[Callable], *, seed: int, seeded: bool) -> None:
-        self.reader = SampleReader(shards)
+        self.root, self.label_spec, self.classes = shards.root, shards.label, shards.classes
+        self.num_samples = shards.num_samples
         self.transforms = transforms
         self.seed = seed
         self.seeded = seeded
+        self._files: dict = {}  # open handles of this process
+
+    def __getstate__(self) -> dict:  # open handles never cross into DataLoader workers
+        return {**self.__dict__, "_files": {}}
 
     def __len__(self) -> int:
-        return self.reader.shards.num_samples
+        return self.num_samples
 
-    def __getitems__(self, items: list[tuple[int, int]]) -> list[tuple[list[torch.Tensor], int, int]]:
+    def __getitems__(self, refs: list[SampleRef]) -> list[tuple[list[torch.Tensor], int, int]]:
         """A batch with one intra-op thread (the DataLoader calls this when present): ops on single small
         images only pay thread synchronisation for more threads, and workers already use every core."""
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return [self[item] for item in items]
+            return self.load(refs, range(len(refs)))
         finally:
             torch.set_num_threads(threads)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[list[torch.Tensor], int, int]:
-        sample_id, epoch = item
-        n = self.reader.shards.num_samples
-        for replaced in range(MAX_REPLACEMENTS):
-            candidate = (sample_id + replaced) % n
-            try:
-                image = decode(self.reader.image_bytes(candidate))
-                label = self.reader.label(candidate)
-            except UnreadableShards:
-                raise
-            except (RuntimeError, OSError, ValueError) as e:
-                if isinstance(e, OSError) and e.errno in TOO_MANY_FILES:  # the process's, not the sample's
-                    raise OSError(
-                        e.errno,
-                        f"{e.strerror} reading {self.reader.shards.locate(candidate)}; "
-                        "raise the limit (ulimit -n) or use fewer data.num_workers",
-                    ) from e
-                log.warning(
-                    "skipping undecodable sample %s (%s); %s",
-                    self.reader.shards.locate(candidate),
-                    e,
-                    VERIFY_HINT.format(root=self.reader.shards.root),
+    def __getitem__(self, ref: SampleRef) -> tuple[list[torch.Tensor], int, int]:
+        return self.load([ref], [0])[0]
+
+    def read(self, ref: SampleRef) -> tuple[bytes, int]:
+        """(image bytes, label or -1)."""
+        image = ref.read(ref.image, self._files)
+        if ref.label[0] < 0 or self.label_spec is None:
+            return image, -1
+        return image, read_label(ref.read(ref.label, self._files), self.label_spec, self.classes)
+
+    def load(self, refs: list[SampleRef], wanted) -> list[tuple[list[torch.Tensor], int, int]]:
+        """Samples `wanted` (positions in `refs`), each replaced by the next readable one of `refs` when
+        undecodable."""
+        out = []
+        for j in wanted:
+            for replaced in range(min(MAX_REPLACEMENTS, len(refs))):
+                candidate = refs[(j + replaced) % len(refs)]
+                try:
+                    data, label = self.read(candidate)
+                    image = decode(data)
+                except UnreadableShards:
+                    raise
+                except (RuntimeError, OSError, ValueError, KeyError) as e:
+                    if (
+                        isinstance(e, OSError) and e.errno in TOO_MANY_FILES
+                    ):  # the process's, not the sample's
+                        raise OSError(
+                            e.errno,
+                            f"{e.strerror} reading {candidate.where}; "
+                            "raise the limit (ulimit -n) or use fewer data.num_workers",
+                        ) from e
+                    log.warning(
+                        "skipping undecodable sample %s (%s); %s",
+                        candidate.where,
+                        e,
+                        VERIFY_HINT.format(root=self.root),
+                    )
+                    continue
+                out.append((self._views(image, candidate.sample_id, refs[j].epoch), label, replaced))
+                break
+            else:
+                raise UnreadableShards(
+                    f"no readable sample among {min(MAX_REPLACEMENTS, len(refs))} in a row from "
+                    f"{refs[j].where}; " + VERIFY_HINT.format(root=self.root)
                 )
-                continue
-            return self._views(image, candidate, epoch), label, replaced
-        raise UnreadableShards(
-            f"{MAX_REPLACEMENTS} consecutive undecodable samples from "
-            f"{self.reader.shards.locate(sample_id)}; " + VERIFY_HINT.format(root=self.reader.shards.root)
-        )
+        return out
 
     def _views(self, image: torch.Tensor, sample_id: int, epoch: int) -> list[torch.Tensor]:
         if not self.seeded:

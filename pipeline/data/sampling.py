@@ -1,42 +1,142 @@
-"""Which samples each rank gets, in which order, each epoch — a pure function of (seed, epoch).
+"""Which samples each rank gets, in which order, each epoch: a pure function of (seed, epoch, layout).
 
-Order: shards in a seeded random order, then samples shuffled within windows of `window` consecutive
-samples (a full permutation when `window` >= N). Windows keep reads local to a few shards at a time
-(object storage) while mixing samples across shard boundaries.
+Order: the shards in a seeded random order, laid end to end. Split: rank r of W takes the contiguous
+part [r*T/W, (r+1)*T/W) of that sequence, so it owns whole shards (a shard at a boundary is shared as
+two byte ranges) and every byte is read by one rank, once. Shuffle: a rank's part is cut into windows of
+`window` consecutive samples (a few shards: what one read-ahead fetches), each permuted. Batches: rank r's
+batch b is samples [b*B, (b+1)*B) of its shuffled part. Every rank takes `N // (B * W)` batches (the
+rest, a different set each epoch, is dropped), so no rank waits at the epoch end.
 
-Split: the epoch order is cut into global batches of `batch_size * world_size`; rank r takes slice
-[r * batch_size, (r + 1) * batch_size) of each. Every rank gets exactly `N // (batch_size * world_size)`
-batches (the remainder, a different set each epoch, is dropped), so no rank waits at the epoch end, and
-a position counted in global batches means the same samples at any world size.
-
-`EpochBatches` applies this as a DataLoader batch sampler, from a `Position` in the epoch on.
+Layout changes: a resume at another batch size or world size finishes the interrupted epoch with the
+samples no rank had reached (a new *stage* of the epoch: the remaining samples, in the old ranks' order,
+split again and re-windowed), so no sample is repeated and none but the usual remainder skipped. The
+position records the stages (`contract.Position`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.data.contract import Position
-from pipeline.data.shards import ShardSet, load_shard_set
 from pipeline.schema import ConfigError
 
-if TYPE_CHECKING:
-    from pipeline.data.config import DataConfig
+Piece = tuple[int, int] | np.ndarray  # a run of sample ids [a, b), or explicit ids
 
 
-def epoch_order(shard_sizes: tuple[int, ...], *, seed: int, epoch: int, window: int) -> np.ndarray:
-    """(N,) int64 sample ids in this epoch's order."""
-    rng = np.random.default_rng([seed, epoch])
-    starts = np.concatenate([[0], np.cumsum(shard_sizes)[:-1]])
-    ids = np.concatenate(
-        [np.arange(starts[s], starts[s] + shard_sizes[s]) for s in rng.permutation(len(shard_sizes))]
-    )
-    for lo in range(0, len(ids), window):
-        ids[lo : lo + window] = rng.permutation(ids[lo : lo + window])
-    return ids.astype(np.int64)
+@dataclass(frozen=True)
+class Stage:
+    """A layout an epoch was read under, from batch `first_batch` (in its units) to `batches_consumed`."""
+
+    world_size: int
+    batch_size: int
+    first_batch: int
+    batches_consumed: int
+
+
+def _length(piece: Piece) -> int:
+    return piece[1] - piece[0] if isinstance(piece, tuple) else len(piece)
+
+
+def _ids(pieces: list[Piece]) -> np.ndarray:
+    runs = [np.arange(p[0], p[1]) if isinstance(p, tuple) else p for p in pieces]
+    return np.concatenate(runs).astype(np.int64) if runs else np.zeros(0, np.int64)
+
+
+def take(pieces: list[Piece], lo: int, hi: int) -> list[Piece]:
+    """Positions [lo, hi) of the sequence `pieces` spell, as pieces (runs stay runs)."""
+    out, at = [], 0
+    for piece in pieces:
+        n = _length(piece)
+        a, b = max(lo - at, 0), min(hi - at, n)
+        if a < b:
+            out.append((piece[0] + a, piece[0] + b) if isinstance(piece, tuple) else piece[a:b])
+        at += n
+        if at >= hi:
+            break
+    return out
+
+
+def shard_sequence(shard_sizes: tuple[int, ...], *, seed: int, epoch: int) -> list[Piece]:
+    """Every sample once: the shards in this epoch's seeded order, each a run of ids."""
+    starts = np.concatenate([[0], np.cumsum(shard_sizes)])
+    perm = np.random.default_rng([seed, epoch]).permutation(len(shard_sizes))
+    return [(int(starts[s]), int(starts[s + 1])) for s in perm if shard_sizes[s]]
+
+
+class RankPart:
+    """Rank `rank`'s part of `sequence` under `world_size` ranks, shuffled window by window."""
+
+    def __init__(
+        self,
+        sequence: list[Piece],
+        *,
+        rank: int,
+        world_size: int,
+        window: int,
+        key: list[int],
+        shuffle: bool = True,
+    ) -> None:
+        total = sum(_length(p) for p in sequence)
+        lo, hi = rank * total // world_size, (rank + 1) * total // world_size
+        self.pieces, self.size, self.window, self.key = take(sequence, lo, hi), hi - lo, window, [*key, rank]
+        self.shuffle = shuffle
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    @property
+    def num_windows(self) -> int:
+        return -(-self.size // self.window)
+
+    def window_pieces(self, w: int) -> list[Piece]:
+        return take(self.pieces, w * self.window, min(self.size, (w + 1) * self.window))
+
+    def window_ids(self, w: int) -> np.ndarray:
+        """Window w's sample ids in their shuffled order."""
+        if self._cached is None or self._cached[0] != w:
+            ids = _ids(self.window_pieces(w))
+            if self.shuffle:
+                ids = ids[np.random.default_rng([*self.key, w]).permutation(len(ids))]
+            self._cached = (w, ids)
+        return self._cached[1]
+
+    def ids(self, lo: int, hi: int) -> np.ndarray:
+        """Positions [lo, hi) of the shuffled part."""
+        parts = []
+        for w in range(lo // self.window, -(-hi // self.window)):
+            a = max(lo - w * self.window, 0)
+            parts.append(self.window_ids(w)[a : hi - w * self.window])
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def remaining(self, consumed: int) -> list[Piece]:
+        """What follows the first `consumed` positions: the rest of their window (shuffled, as ids),
+        then the untouched windows as they were."""
+        w = consumed // self.window
+        if w >= self.num_windows:
+            return []
+        head = self.window_ids(w)[consumed - w * self.window :]
+        return ([head] if len(head) else []) + take(self.pieces, (w + 1) * self.window, self.size)
+
+
+def epoch_part(
+    shard_sizes: tuple[int, ...],
+    stages: list[Stage],
+    *,
+    seed: int,
+    epoch: int,
+    window: int,
+    rank: int,
+    world_size: int,
+) -> RankPart:
+    """This rank's part of the current stage of `epoch`, after the earlier `stages` of it."""
+    sequence = shard_sequence(shard_sizes, seed=seed, epoch=epoch)
+    for n, stage in enumerate(stages):
+        parts = [
+            RankPart(sequence, rank=r, world_size=stage.world_size, window=window, key=[seed, epoch, n])
+            for r in range(stage.world_size)
+        ]
+        done = (stage.batches_consumed - stage.first_batch) * stage.batch_size
+        sequence = [piece for part in parts for piece in part.remaining(done)]
+    return RankPart(sequence, rank=rank, world_size=world_size, window=window, key=[seed, epoch, len(stages)])
 
 
 def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
@@ -48,12 +148,6 @@ def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int
     return n
 
 
-def rank_batch(order: np.ndarray, batch: int, *, rank: int, batch_size: int, world_size: int) -> np.ndarray:
-    """(batch_size,) sample ids of this rank's `batch`-th batch of the epoch."""
-    start = batch * batch_size * world_size + rank * batch_size
-    return order[start : start + batch_size]
-
-
 def sample_seed(seed: int, epoch: int, sample_id: int) -> int:
     """Augmentation seed of one sample in one epoch: independent of rank, worker and world size."""
     return int(
@@ -61,47 +155,8 @@ def sample_seed(seed: int, epoch: int, sample_id: int) -> int:
     )
 
 
-class EpochBatches:
-    """DataLoader batch sampler over this rank's batches of `position`'s epoch, from its position on."""
-
-    def __init__(
-        self,
-        shards: ShardSet,
-        position: Position,
-        *,
-        seed: int,
-        window: int,
-        rank: int,
-        batch_size: int,
-        world_size: int,
-    ) -> None:
-        self.shards, self.position, self.seed, self.window = shards, position, seed, window
-        self.rank, self.batch_size, self.world_size = rank, batch_size, world_size
-
-    @classmethod
-    def for_rank(cls, cfg: DataConfig, split: str, *, rank: int, world_size: int, seed: int) -> EpochBatches:
-        """This rank's batches of `split` (shards loaded, position at epoch 0): what every loader that
-        shards by sample id (cpu, torch) starts from."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
-        shards = load_shard_set(cfg.train_shards, split)
-        position = Position(batches_per_epoch(shards.num_samples, cfg.batch_size, world_size))
-        return cls(
-            shards,
-            position,
-            seed=seed,
-            window=cfg.shuffle_buffer,
-            rank=rank,
-            batch_size=cfg.batch_size,
-            world_size=world_size,
-        )
-
-    def __len__(self) -> int:
-        return self.position.batches_per_epoch - self.position.batches_consumed
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch, start = self.position.epoch, self.position.batches_consumed
-        order = epoch_order(self.shards.shard_sizes, seed=self.seed, epoch=epoch, window=self.window)
-        for b in range(start, self.position.batches_per_epoch):
-            ids = rank_batch(order, b, rank=self.rank, batch_size=self.batch_size, world_size=self.world_size)
-            yield [(int(i), epoch) for i in ids]
+def stored_order(num_samples: int, *, rank: int, world_size: int, window: int) -> RankPart:
+    """Rank `rank`'s contiguous part of the split in stored order (evaluation, resident decode)."""
+    return RankPart(
+        [(0, num_samples)], rank=rank, world_size=world_size, window=window, key=[], shuffle=False
+    )

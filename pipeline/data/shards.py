@@ -1,14 +1,15 @@
-"""The shard set of one split: manifest, DALI `.idx` indexes, and random access to one sample's bytes.
+"""The shard set of one split: what the manifest says (shard URLs, sample counts, bytes, labels), and each
+shard's DALI `.idx` index, parsed only when a reader reaches that shard.
 
-Readers get byte offsets from the `.idx` files that `data_prep shard` writes next to each tar, so any
-sample can be read with one seek + read (local file or an fsspec range request on s3://). That random
-access is what makes epoch-seeded order, disjoint rank slices and exact mid-epoch resume cheap.
+Start-up reads one small file (the manifest; or one `.idx` header per tar when given tars without a
+manifest), so it does not grow with the number of samples: a rank parses the indexes of the shards of its
+own windows, when it reaches them (`windows`).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,9 @@ import data_prep.manifest
 from pipeline.schema import ConfigError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-REMOTE_BLOCK_BYTES = 4 << 20
 VERIFY_HINT = "run `python -m data_prep verify {root}` to find damaged shards"
+MAX_OPEN_FILES = 16  # per reading process: shards (or staged ranges) of the windows in flight
+TAR_TAIL = 512  # a tar member's header precedes its data offset by one block
 
 
 class UnreadableShards(RuntimeError):
@@ -35,31 +37,99 @@ class UnreadableShards(RuntimeError):
 
 
 @dataclass(frozen=True)
-class ShardSet:
-    """All samples of one split, in stored order (sample id = position in this order)."""
+class LabelSpec:
+    """Where a sample's label is: the integer text of member `member` (data_prep's `.cls`), or `field` of
+    a JSON member, an integer or a class name looked up in the manifest's `classes`."""
 
-    root: str  # folder/URL holding manifest.json
+    member: str = "cls"
+    field: str | None = None
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """One shard's `.idx`, as arrays: what readers need to locate each sample's bytes."""
+
+    keys: tuple[str, ...]
+    image: np.ndarray  # (n, 2) int64 data offset and size of the image member
+    label: np.ndarray  # (n, 2) int64 offset and size of the label member, -1 when absent
+    extent: np.ndarray  # (n, 2) int64 first and one-past-last byte of the sample's members, headers included
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """All samples of one split; sample id = position in stored order (shard by shard)."""
+
+    root: str  # the manifest's folder/URL, or the spec of the tars it was given
     split: str
     shard_urls: tuple[str, ...]
     index_urls: tuple[str, ...]
     shard_sizes: tuple[int, ...]
+    shard_bytes: tuple[int, ...]  # each tar's size in bytes (0 when unknown)
     classes: tuple[str, ...]
-    shard_of: np.ndarray  # (N,) int32 shard position of each sample
-    keys: tuple[str, ...]  # (N,) sample keys
-    image: np.ndarray  # (N, 2) int64 byte offset and size of the image member
-    cls_member: np.ndarray  # (N, 2) int64 offset and size of the .cls member, -1 when absent
+    label: LabelSpec | None  # None: unlabelled
 
     @property
     def num_samples(self) -> int:
-        return len(self.keys)
+        return int(self.starts[-1])
 
     @property
     def labelled(self) -> bool:
-        return bool(len(self.cls_member)) and bool((self.cls_member[:, 0] >= 0).all())
+        return self.label is not None
 
-    def locate(self, sample_id: int) -> str:
-        """'shard.tar:key', for messages about one sample."""
-        return f"{self.shard_urls[self.shard_of[sample_id]]}:{self.keys[sample_id]}"
+    @property
+    def starts(self) -> np.ndarray:
+        """(S + 1,) int64: shard s holds sample ids [starts[s], starts[s + 1])."""
+        return np.concatenate([[0], np.cumsum(self.shard_sizes, dtype=np.int64)])
+
+    def shard_of(self, sample_id: int) -> int:
+        return int(np.searchsorted(self.starts, sample_id, side="right")) - 1
+
+    def is_remote(self, shard: int) -> bool:
+        url = self.shard_urls[shard]
+        return "://" in url and not url.startswith("file://")
+
+    def local_path(self, shard: int) -> str:
+        return self.shard_urls[shard].removeprefix("file://")
+
+    def index(self, shard: int) -> ShardIndex:
+        """Shard `shard`'s parsed `.idx` (read on each call: callers keep what they need)."""
+        index = parse_index(self.index_urls[shard], self.label.member if self.label else "cls")
+        if len(index.keys) != self.shard_sizes[shard]:
+            raise ConfigError(
+                f"{self.index_urls[shard]} lists {len(index.keys)} samples, the manifest of {self.root} "
+                f"{self.shard_sizes[shard]}; re-index the shard (`python -m data_prep index`) or re-shard"
+            )
+        missing = np.flatnonzero(index.image[:, 0] < 0)
+        if len(missing):
+            raise ConfigError(
+                f"{self.shard_urls[shard]}:{index.keys[missing[0]]} has no image member "
+                f"(one of {', '.join(IMAGE_EXTS)})"
+            )
+        return index
+
+
+def parse_index(url: str, label_member: str = "cls") -> ShardIndex:
+    """DALI's wds2idx format: `v1.2 N` then per sample `ext offset size name ...` (v1.2) or
+    `ext offset size ...` (older); offsets are of the members' data, one 512-byte header after their start."""
+    with fsspec.open(url, "rt") as f:
+        header = f.readline().split()
+        lines = f.read().splitlines()
+    if len(header) != 2 or not header[0].startswith("v"):
+        raise ConfigError(f"{url} is not a DALI webdataset index (header {header})")
+    if len(lines) != int(header[1]):
+        raise ConfigError(f"{url} announces {header[1]} samples but lists {len(lines)}")
+    step = 4 if header[0] >= "v1.2" else 3
+    keys, image, label, extent = [], [], [], []
+    for n, line in enumerate(lines):
+        parts = line.split()
+        members = {parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), step)}
+        keys.append(parts[3][: -(len(parts[0]) + 1)] if step == 4 else f"#{n}")  # member name minus .ext
+        image.append(next((members[e] for e in IMAGE_EXTS if e in members), (-1, -1)))
+        label.append(members.get(label_member, (-1, -1)))
+        ends = [offset + -(-size // TAR_TAIL) * TAR_TAIL for offset, size in members.values()]
+        extent.append((min(o for o, _ in members.values()) - TAR_TAIL, max(ends)))
+    as_array = lambda rows: np.asarray(rows, dtype=np.int64).reshape(-1, 2)  # noqa: E731
+    return ShardIndex(tuple(keys), as_array(image), as_array(label), as_array(extent))
 
 
 def read_manifest(root: str) -> dict:
@@ -67,14 +137,53 @@ def read_manifest(root: str) -> dict:
         return data_prep.manifest.read_manifest(root)
     except FileNotFoundError as e:
         raise ConfigError(
-            f"no manifest.json under {root}; write shards with `python -m data_prep shard`"
+            f"no manifest.json under {root}; write shards with `python -m data_prep shard`, or index "
+            "existing WebDataset tars with `python -m data_prep index`"
         ) from e
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
 
-def load_shard_set(root: str, split: str | None = "train") -> ShardSet:
-    """Read the manifest and every `.idx` of `split` (None: the manifest's only split)."""
+def load_shard_set(spec: str, split: str | None = "train") -> ShardSet:
+    """The shard set `spec` names: a folder/URL holding manifest.json, several of them comma-separated
+    (their `split`s concatenated), or WebDataset tars with their `.idx` beside them: one `.tar`, a brace
+    pattern (`shards-{000000..000099}.tar`) or a comma-separated list. `split` None: the manifest's only
+    split (tars given directly form one split, whatever its name)."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError("a shard location is empty; name a folder/URL holding manifest.json or .tar files")
+    if all(_is_tar_spec(p) for p in parts):
+        return _tar_shard_set(spec, parts, split or "train")
+    if any(_is_tar_spec(p) for p in parts):
+        raise ConfigError(f"{spec} mixes manifest folders and .tar files; give one kind")
+    sets = [_manifest_shard_set(p, split) for p in parts]
+    if len(sets) == 1:
+        return sets[0]
+    labelled = {s.label for s in sets}
+    classes = {s.classes for s in sets}
+    if len(labelled) > 1 or len(classes) > 1:
+        raise ConfigError(
+            f"{spec}: the folders' labels or class lists differ, so their splits cannot be joined"
+        )
+    return ShardSet(
+        root=spec,
+        split=sets[0].split,
+        shard_urls=sum((s.shard_urls for s in sets), ()),
+        index_urls=sum((s.index_urls for s in sets), ()),
+        shard_sizes=sum((s.shard_sizes for s in sets), ()),
+        shard_bytes=sum((s.shard_bytes for s in sets), ()),
+        classes=sets[0].classes,
+        label=sets[0].label,
+    )
+
+
+def split_names(spec: str) -> list[str]:
+    """The splits `spec` holds (tars given directly: one, "train"); the first folder's when several."""
+    first = spec.split(",")[0].strip()
+    return ["train"] if _is_tar_spec(first) else sorted(read_manifest(first).get("splits", {}))
+
+
+def _manifest_shard_set(root: str, split: str | None) -> ShardSet:
     manifest = read_manifest(root)
     splits = manifest.get("splits", {})
     if split is None:
@@ -86,124 +195,114 @@ def load_shard_set(root: str, split: str | None = "train") -> ShardSet:
     entries = splits[split]["shards"]
     if not entries:
         raise ConfigError(f"{root} split {split!r} has no shards")
-    shard_urls = tuple(_join(root, e["name"]) for e in entries)
-    index_urls = tuple(_join(root, e["index"]) for e in entries)
-    shard_of, keys, image, cls_member = [], [], [], []
-    sizes = []
-    for pos, url in enumerate(index_urls):
-        rows = parse_index(url)
-        sizes.append(len(rows))
-        for key, members in rows:
-            ext = next((e for e in IMAGE_EXTS if e in members), None)
-            if ext is None:
-                raise ConfigError(f"{shard_urls[pos]}:{key} has no image member ({sorted(members)})")
-            shard_of.append(pos)
-            keys.append(key)
-            image.append(members[ext])
-            cls_member.append(members.get("cls", (-1, -1)))
+    folder = data_prep.manifest.shard_folder(root)
     return ShardSet(
         root=root,
         split=split,
-        shard_urls=shard_urls,
-        index_urls=index_urls,
-        shard_sizes=tuple(sizes),
-        classes=tuple(manifest.get("classes", ())),
-        shard_of=np.asarray(shard_of, dtype=np.int32),
-        keys=tuple(keys),
-        image=np.asarray(image, dtype=np.int64).reshape(-1, 2),
-        cls_member=np.asarray(cls_member, dtype=np.int64).reshape(-1, 2),
+        shard_urls=tuple(_resolve(folder, e["name"]) for e in entries),
+        index_urls=tuple(_resolve(folder, e["index"]) for e in entries),
+        shard_sizes=tuple(int(e["samples"]) for e in entries),
+        shard_bytes=tuple(int(e.get("bytes", 0)) for e in entries),
+        classes=tuple(manifest.get("classes") or ()),
+        label=_label_spec(manifest),
     )
 
 
-def parse_index(url: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """DALI's wds2idx format: `v1.2 N` then per sample `ext offset size name ...` (v1.2) or
-    `ext offset size ...` (older) -> [(key, {ext: (offset, size)})]."""
-    with fsspec.open(url, "rt") as f:
-        header = f.readline().split()
-        lines = f.read().splitlines()
-    if len(header) != 2 or not header[0].startswith("v"):
-        raise ConfigError(f"{url} is not a DALI webdataset index (header {header})")
-    step = 4 if header[0] >= "v1.2" else 3
-    rows = []
-    for n, line in enumerate(lines):
-        parts = line.split()
-        members = {parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), step)}
-        key = parts[3][: -(len(parts[0]) + 1)] if step == 4 else f"#{n}"  # member name minus .ext
-        rows.append((key, members))
-    if len(rows) != int(header[1]):
-        raise ConfigError(f"{url} announces {header[1]} samples but lists {len(rows)}")
-    return rows
+def _label_spec(manifest: dict) -> LabelSpec | None:
+    """A manifest's labels: its `label` entry, else `.cls` members when data_prep wrote labels."""
+    if "label" in manifest:
+        entry = manifest["label"]
+        return None if entry is None else LabelSpec(entry.get("member", "cls"), entry.get("field"))
+    options = manifest.get("options", {})
+    return LabelSpec() if options.get("labels", "auto") != "none" and manifest.get("classes") else None
 
 
-def stage_indexes(shards: ShardSet, cache_dir: str | None) -> list[str]:
-    """Local paths of the `.idx` files (DALI reads indexes only from the local file system).
-
-    The ranks of a node stage into the same cache at the same time: each writes its own temporary file
-    and renames it over the target (atomic on one file system), so a reader sees a complete index or none.
-    """
-    if all("://" not in u or u.startswith("file://") for u in shards.index_urls):
-        return [u.removeprefix("file://") for u in shards.index_urls]
-    cache = Path(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "pipeline-idx"))
-    cache.mkdir(parents=True, exist_ok=True)
-    local = []
-    for url in shards.index_urls:
-        target = cache / url.replace("://", "/").replace("/", "_")
-        if not target.exists():
-            with fsspec.open(url, "rb") as src:
-                data = src.read()
-            fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{target.name}.", suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(data)
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        local.append(str(target))
-    return local
+def _is_tar_spec(part: str) -> bool:
+    return part.rstrip("/").endswith(".tar")
 
 
-class SampleReader:
-    """Reads members by (shard, offset, size); keeps one open handle per shard (per process)."""
+def expand_braces(pattern: str) -> list[str]:
+    """`a-{000..002}.tar` -> [`a-000.tar`, `a-001.tar`, `a-002.tar`] (zero padding kept), no listing."""
+    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if match is None:
+        return [pattern]
+    lo, hi = match.group(1), match.group(2)
+    width = len(lo) if lo.startswith("0") else 0
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [u for n in range(int(lo), int(hi) + 1) for u in expand_braces(f"{head}{n:0{width}d}{tail}")]
 
-    def __init__(self, shards: ShardSet) -> None:
-        self.shards = shards
-        self._handles: dict[int, object] = {}
 
-    def __getstate__(self) -> dict:  # open handles never cross into DataLoader workers
-        return {"shards": self.shards, "_handles": {}}
+def _tar_shard_set(spec: str, parts: list[str], split: str) -> ShardSet:
+    """Tars named directly: counts from each `.idx` header (one small read per tar), no labels."""
+    urls = [u for p in parts for u in expand_braces(p)]
+    index_urls = [u.removesuffix(".tar") + ".idx" for u in urls]
+    sizes = []
+    for url, index_url in zip(urls, index_urls, strict=True):
+        try:
+            with fsspec.open(index_url, "rt") as f:
+                header = f.readline().split()
+        except FileNotFoundError as e:
+            raise ConfigError(
+                f"{url} has no index beside it ({index_url}); index the tars first: "
+                f"`python -m data_prep index {spec} --out DIR`, then train on DIR"
+            ) from e
+        if len(header) != 2 or not header[0].startswith("v") or not header[1].isdigit():
+            raise ConfigError(f"{index_url} is not a DALI webdataset index (header {header})")
+        sizes.append(int(header[1]))
+    fs, _ = fsspec.core.url_to_fs(urls[0])
+    nbytes = [int(fs.size(u)) for u in urls] if len(urls) <= 64 else [0] * len(urls)  # a HEAD per tar
+    return ShardSet(spec, split, tuple(urls), tuple(index_urls), tuple(sizes), tuple(nbytes), (), None)
 
-    def read(self, shard: int, offset: int, size: int) -> bytes:
-        handle = self._handles.get(shard)
+
+def _resolve(folder: str, name: str) -> str:
+    """A manifest entry: relative to the manifest's folder, or an absolute path or URL used as is."""
+    if "://" in name or name.startswith("/"):
+        return name
+    return f"{folder.rstrip('/')}/{name}" if "://" in folder else str(Path(folder) / name)
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """One sample as a reader process gets it: where its bytes are on this machine (the shard itself, or
+    the staged copy of a byte range of it starting at shard offset `base`), so workers never read indexes."""
+
+    sample_id: int
+    epoch: int
+    path: str
+    base: int
+    image: tuple[int, int]  # offset in the shard and size of the image member
+    label: tuple[int, int]  # the same for the label member; (-1, -1) when unlabelled
+    where: str  # "shard-url:key", for messages
+
+    def read(self, member: tuple[int, int], files: dict) -> bytes:
+        """Member bytes through `files`, the reading process's cache of open handles."""
+        handle = files.get(self.path)
         if handle is None:
-            url = self.shards.shard_urls[shard]
-            # remote: small read-ahead blocks, since samples are read in a shuffled order within a window
-            remote = {"block_size": REMOTE_BLOCK_BYTES, "cache_type": "readahead"} if "://" in url else {}
-            fs, path = fsspec.core.url_to_fs(url)
             try:
-                handle = fs.open(path, "rb", **remote)
-            except FileNotFoundError as e:  # the storage lost it: not a damaged sample to skip
+                handle = open(self.path, "rb")  # noqa: SIM115 -- kept open in `files`, closed with it
+            except FileNotFoundError as e:
                 raise UnreadableShards(
-                    f"{url} no longer exists; put it back and run the same command again to resume from the "
-                    "newest checkpoint, or shard into a new folder"
+                    f"{self.where.rsplit(':', 1)[0]} no longer exists; put it back and run the same command "
+                    "again to resume from the newest checkpoint, or shard into a new folder"
                 ) from e
-            self._handles[shard] = handle
-        handle.seek(offset)
-        data = handle.read(size)
-        if len(data) != size:
-            raise OSError(f"short read: {len(data)} of {size} bytes")
+            if len(files) >= MAX_OPEN_FILES:
+                files.pop(next(iter(files))).close()
+            files[self.path] = handle
+        handle.seek(member[0] - self.base)
+        data = handle.read(member[1])
+        if len(data) != member[1]:
+            raise OSError(f"short read: {len(data)} of {member[1]} bytes")
         return data
 
-    def image_bytes(self, sample_id: int) -> bytes:
-        offset, size = self.shards.image[sample_id]
-        return self.read(int(self.shards.shard_of[sample_id]), int(offset), int(size))
 
-    def label(self, sample_id: int) -> int:
-        offset, size = self.shards.cls_member[sample_id]
-        if offset < 0:
-            return -1
-        return int(self.read(int(self.shards.shard_of[sample_id]), int(offset), int(size)).decode().strip())
-
-
-def _join(root: str, name: str) -> str:
-    return f"{root.rstrip('/')}/{name}" if "://" in root else str(Path(root) / name)
+def read_label(data: bytes, spec: LabelSpec, classes: tuple[str, ...]) -> int:
+    """A label member's bytes -> the class index."""
+    if spec.field is None:
+        return int(data.decode().strip())
+    value = json.loads(data)[spec.field]
+    if isinstance(value, int):
+        return value
+    try:
+        return classes.index(str(value))
+    except ValueError as e:
+        raise ValueError(f"label {value!r} is not in the manifest's classes") from e

@@ -18,34 +18,48 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.data.batch_augment import pad_images
 from pipeline.data.samples import ShardSamples, init_worker, padded_batch
-from pipeline.data.shards import SampleReader, ShardSet
+from pipeline.data.shards import SampleRef, ShardSet, UnreadableShards
 
 JPEG_MAGIC = b"\xff\xd8"
 StreamBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]  # images, sizes, labels, replaced
 
 
 class EncodedSamples(Dataset):
-    """Item (sample id, epoch) -> (encoded bytes as a uint8 tensor, label); no decoding."""
+    """A batch of SampleRefs -> its encoded images and labels, no decoding, as four tensors (the bytes end
+    to end, their lengths, labels, and the refs' positions): each tensor a worker returns holds a
+    shared-memory file descriptor while it lives, so one per image would cost a descriptor per image in
+    flight. A sample that cannot be read is left to `ShardSamples`' rule (length 0)."""
 
-    def __init__(self, shards: ShardSet) -> None:
-        self.reader = SampleReader(shards)
+    def __init__(self, samples: ShardSamples) -> None:
+        self.samples = samples
 
     def __len__(self) -> int:
-        return self.reader.shards.num_samples
+        return len(self.samples)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[int, torch.Tensor, int]:
-        sample_id = item[0]
-        data = self.reader.image_bytes(sample_id)
-        return sample_id, torch.frombuffer(bytearray(data), dtype=torch.uint8), self.reader.label(sample_id)
+    def __getitems__(
+        self, refs: list[SampleRef]
+    ) -> tuple[list[SampleRef], torch.Tensor, torch.Tensor, torch.Tensor]:
+        data, labels = [], []
+        for ref in refs:
+            try:
+                image, label = self.samples.read(ref)
+            except UnreadableShards:
+                raise
+            except (OSError, ValueError, KeyError):
+                image, label = b"", -1  # decoded (or replaced) by ShardSamples on the trainer's side
+            data.append(
+                torch.frombuffer(bytearray(image), dtype=torch.uint8)
+                if image
+                else torch.zeros(0, dtype=torch.uint8)
+            )
+            labels.append(label)
+        lengths = torch.tensor([len(d) for d in data], dtype=torch.int64)
+        return refs, torch.cat(data), lengths, torch.tensor(labels, dtype=torch.int64)
 
 
-def _encoded_batch(samples: list[tuple[int, torch.Tensor, int]]) -> tuple[torch.Tensor, ...]:
-    """A batch of encoded samples as four tensors (ids, the bytes end to end, their lengths, labels): each
-    tensor a worker returns holds a shared-memory file descriptor while it lives, so one per image would
-    cost a descriptor per image in flight."""
-    ids, data, labels = zip(*samples, strict=True)
-    lengths = torch.tensor([len(d) for d in data], dtype=torch.int64)
-    return torch.tensor(ids), torch.cat(data), lengths, torch.tensor(labels, dtype=torch.int64)
+def _as_is(batch):
+    """`collate_fn` of `EncodedSamples`, whose `__getitems__` already returns the batch's tensors."""
+    return batch
 
 
 class StreamingSource:
@@ -68,10 +82,10 @@ class StreamingSource:
         # Damaged samples (and, on a GPU, anything nvJPEG refuses) go through `ShardSamples`' decoder.
         self.fallback = ShardSamples(shards, [torch.nn.Identity()], seed=0, seeded=False)
         self._loader = DataLoader(
-            EncodedSamples(shards) if self.decode_on_device else self.fallback,
+            EncodedSamples(self.fallback) if self.decode_on_device else self.fallback,
             batch_sampler=sampler,
             num_workers=num_workers,
-            collate_fn=_encoded_batch if self.decode_on_device else padded_batch,
+            collate_fn=_as_is if self.decode_on_device else padded_batch,
             pin_memory=self.decode_on_device and device.type == "cuda",
             persistent_workers=num_workers > 0,
             prefetch_factor=prefetch if num_workers > 0 else None,
@@ -90,26 +104,28 @@ class StreamingSource:
                 replaced,
             )
 
-    def _decode_on_device(self, batch: tuple[torch.Tensor, ...]) -> StreamBatch:
-        ids, buffer, lengths, labels_in = batch
+    def _decode_on_device(self, batch: tuple) -> StreamBatch:
+        refs, buffer, lengths, labels_in = batch
         encoded = torch.split(buffer, lengths.tolist())  # views of the (pinned) batch buffer
-        samples = list(zip(ids.tolist(), encoded, labels_in.tolist(), strict=True))
-        jpeg = [n for n, (_, data, _) in enumerate(samples) if bytes(data[:2].tolist()) == JPEG_MAGIC]
+        samples = list(zip(encoded, labels_in.tolist(), strict=True))
+        jpeg = [n for n, (data, _) in enumerate(samples) if bytes(data[:2].tolist()) == JPEG_MAGIC]
         decoded: dict[int, torch.Tensor] = {}
         try:
             with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for torchcodec
                 warnings.simplefilter("ignore", DeprecationWarning)
-                out = decode_jpeg([samples[n][1] for n in jpeg], mode=ImageReadMode.RGB, device=self.device)
+                out = decode_jpeg([samples[n][0] for n in jpeg], mode=ImageReadMode.RGB, device=self.device)
             decoded = dict(zip(jpeg, out, strict=True))
         except RuntimeError:
             pass  # one damaged JPEG fails the whole call: decode this batch sample by sample below
+        rest = [n for n in range(len(samples)) if n not in decoded]
+        fallback = dict(zip(rest, self.fallback.load(refs, rest), strict=True))  # CPU decode, replacements
         images, labels, replaced = [], [], 0
-        for n, (sample_id, _, label) in enumerate(samples):
+        for n, (_, label) in enumerate(samples):
             if n in decoded:
                 images.append(decoded[n])
                 labels.append(label)
                 continue
-            views, label, skipped = self.fallback[(sample_id, 0)]
+            views, label, skipped = fallback[n]
             images.append(views[0].to(self.device))
             labels.append(label)
             replaced += skipped

@@ -3,9 +3,9 @@
 Pixels come from a resident corpus (decoded once into device memory, batches gathered by index) or are
 streamed from the shards batch by batch (`data.source`: `auto` keeps the split resident when it fits
 `data.resident_budget_gib`, and streams otherwise). The epoch order and rank split are the CPU
-backend's (`sampling.EpochBatches`: a pure function of seed and epoch), and each batch's augmentation is
-drawn from a generator seeded by (seed, epoch, batch, rank), so a restored loader yields bit-identical
-batches to an uninterrupted one, whichever source feeds it.
+backend's (`reading.EpochBatches`: a pure function of seed, epoch and layout), and each batch's
+augmentation is drawn from a generator seeded by (seed, epoch, batch, rank), so a restored loader
+yields bit-identical batches to an uninterrupted one, whichever source feeds it.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 from pipeline.data.batch_augment import BatchAugment
 from pipeline.data.config import DataConfig
 from pipeline.data.contract import Batch
+from pipeline.data.reading import EpochBatches, reader_lag
 from pipeline.data.recipes import resolve_views
 from pipeline.data.resident import OverBudget, ResidentImages, decode_resident
-from pipeline.data.sampling import EpochBatches
 from pipeline.data.streaming import StreamingSource
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,9 @@ class TorchLoader:
         device: torch.device,
         memory_format: torch.memory_format,
     ) -> None:
-        self._batches = EpochBatches.for_rank(cfg, split, rank=rank, world_size=world_size, seed=seed)
+        self._batches = EpochBatches.for_rank(
+            cfg, split, rank=rank, world_size=world_size, seed=seed, lag=reader_lag(cfg)
+        )
         self.cfg, self.rank, self.world_size, self.seed, self.device = cfg, rank, world_size, seed, device
         self.shards, self.position = self._batches.shards, self._batches.position
         self.views = resolve_views(cfg)
@@ -86,8 +88,8 @@ class TorchLoader:
 
     def _pixels(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         if self.resident is not None:
-            for items in self._batches:
-                yield self.resident.gather(torch.tensor([i for i, _ in items], dtype=torch.int64))
+            for ids in self._batches.ids():
+                yield self.resident.gather(torch.from_numpy(ids))
             return
         for images, sizes, labels, replaced in self.stream:
             self.replaced_samples += replaced

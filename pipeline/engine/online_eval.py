@@ -2,14 +2,13 @@
 
 The kNN bank is the training split seen through the eval transform (no augmentation), capped at
 `BANK_SAMPLES` so the monitor stays cheap at ImageNet scale; the queries are `data.val_shards`.
-Every rank extracts the features of its own part of both (rank r reads samples r::W, with the training
-loader's workers), the parts are gathered in sample order, and kNN runs on the full sets: the result
+Every rank extracts the features of its own contiguous part of both (with the training loader's
+workers), the parts are gathered in sample order, and kNN runs on the full sets: the result
 equals one process's, at about 1/W of its time, which is logged as `eval_time_s`.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -28,15 +27,12 @@ def embedding_std(features: torch.Tensor) -> float:
 
 
 def _gather_in_sample_order(part: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """Rank r holds samples r::W of a split -> all samples in stored order, on every rank."""
+    """Rank r holds the r-th contiguous part of a split -> all samples in stored order, on every rank."""
     if world_size == 1:
         return part
     parts: list[torch.Tensor | None] = [None] * world_size
     dist.all_gather_object(parts, part.cpu())
-    full = torch.empty((sum(len(p) for p in parts), *part.shape[1:]), dtype=part.dtype)
-    for r, p in enumerate(parts):
-        full[r::world_size] = p
-    return full
+    return torch.cat(parts)
 
 
 def evaluate(
@@ -51,15 +47,15 @@ def evaluate(
 ) -> dict[str, Any]:
     """Called on every rank; features are extracted in parallel, metrics computed on rank 0 (returned
     there, empty elsewhere)."""
-    from data_prep.manifest import read_manifest
     from pipeline.data import build_eval_loader
+    from pipeline.data.shards import split_names
     from pipeline.eval.embed import embedding_map
     from pipeline.eval.features import extract_features
     from pipeline.eval.knn import knn_accuracy
 
     start = time.perf_counter()
 
-    def loader(shards: str, split: str | None) -> Any:
+    def loader(shards: str, split: str | None, limit: int | None = None) -> Any:
         return build_eval_loader(
             shards,
             image_size=cfg.data.image_size,
@@ -71,15 +67,14 @@ def evaluate(
             device=device,
             # the torch backend decodes the held-out split once and keeps it on the device
             resident_budget_gib=cfg.data.resident_budget_gib if cfg.data.backend == "torch" else None,
+            limit=limit,
         )
 
     # Shards made with --val-fraction hold both splits in one folder: query the held-out one.
-    query_split = "val" if "val" in read_manifest(cfg.data.val_shards)["splits"] else None
+    query_split = "val" if "val" in split_names(cfg.data.val_shards) else None
     query = loader(cfg.data.val_shards, query_split)
-    bank = loader(cfg.data.train_shards, "train")
-    # The same number of bank samples from every rank keeps the gathered bank a prefix in stored order.
-    bank_batches = itertools.islice(bank, -(-BANK_SAMPLES // (cfg.data.batch_size * world_size)))
-    bank_x, bank_y = extract_features(method, bank_batches, device)  # eval mode inside, restored after
+    bank = loader(cfg.data.train_shards, "train", limit=BANK_SAMPLES)  # a prefix in stored order
+    bank_x, bank_y = extract_features(method, bank, device)  # eval mode inside, restored after
     query_x, query_y = extract_features(method, query, device)
     bank_x, bank_y, query_x, query_y = (
         _gather_in_sample_order(t, rank, world_size) for t in (bank_x, bank_y, query_x, query_y)
