@@ -5,18 +5,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from launch.k8s.secrets import CREDENTIAL_NAME, credential_in
+
 # RFC 1123 label: the job name becomes pod hostnames and a Service name, so it must be a DNS label
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")  # a Secret's name
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
-# names of variables that hold credentials: their values belong in a Secret, never in a manifest
-_CREDENTIAL_NAME = re.compile(
-    r"(^|_)(SECRET|TOKEN|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|CREDENTIALS?|PRIVATE_KEY)(_|$)", re.I
-)
-# credentials inside a value: presigned-URL query parameters, user:password@ in a URL
-_CREDENTIAL_VALUE = re.compile(r"X-Amz-(Signature|Credential|Security-Token)=|://[^/@\s:]+:[^/@\s]+@", re.I)
 
 
 @dataclass(frozen=True)
@@ -96,10 +92,10 @@ class LaunchSpec:
         for name, value in self.env:
             if not _ENV_NAME.match(name):
                 raise ValueError(f"--env {name!r} is not an environment variable name")
-            if _CREDENTIAL_NAME.search(name) or _CREDENTIAL_VALUE.search(value):
+            if CREDENTIAL_NAME.search(name) or credential_in(value):
                 raise ValueError(
                     f"--env {name}: its value would be written in plain text into the manifest; put it in "
-                    f"a Secret and pass --secret-env {name}=SECRET[:KEY] (or --s3-secret, --wandb-secret)"
+                    f"a Secret and pass --secret-env {name}[=SECRET[:KEY]] (or --s3-secret, --wandb-secret)"
                 )
         for name, secret, key in self.secret_env:
             if not _ENV_NAME.match(name) or not _DNS_SUBDOMAIN.match(secret) or not key:
@@ -108,9 +104,10 @@ class LaunchSpec:
             key, eq, value = override.partition("=")
             if not eq:
                 raise ValueError(f"--set {override!r}: expected key.sub=value")
-            if _CREDENTIAL_VALUE.search(value):
+            found = credential_in(value)
+            if found:
                 raise ValueError(
-                    f"--set {key}: the value holds a credential that would be written into the manifest; "
+                    f"--set {key}: the value holds {found} that would be written into the manifest; "
                     "pass credentials through --s3-secret or --secret-env instead"
                 )
 
@@ -136,7 +133,10 @@ def parse_nodes(text: str) -> tuple[int, int]:
 
 
 def parse_secret_env(text: str) -> tuple[str, str, str]:
-    """`VAR=SECRET:KEY` -> (VAR, SECRET, KEY); the key defaults to the variable's name."""
+    """`VAR=SECRET:KEY` -> (VAR, SECRET, KEY); the key defaults to the variable's name. A bare `VAR`
+    reads key VAR of the Secret named after it (`HF_TOKEN` -> Secret `hf-token`)."""
+    if "=" not in text:
+        return text, text.lower().replace("_", "-"), text
     name, secret = parse_pair(text, "--secret-env")
     secret, _, key = secret.partition(":")
     return name, secret, key or name
