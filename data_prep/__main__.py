@@ -237,9 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.merge:
                 _merge_if_complete(args.out)
             if summary.images == 0:
-                print(
-                    f"data_prep: wrote nothing: all {summary.rejected} images were rejected", file=sys.stderr
-                )
+                why = f"all {summary.rejected} images were rejected" if summary.rejected else "no items"
+                print(f"data_prep: wrote nothing: {why}", file=sys.stderr)
                 return 1
             return 0
         if args.command == "index":

@@ -149,9 +149,9 @@ def collect(listing: StreamedListing, part: Part) -> Items:
     for batch_refs, batch_labels in listing.batches:
         first = (part.index - listed) % part.count
         take = pa.array(np.arange(first, len(batch_refs), part.count))
-        refs.append(pa.array(batch_refs, pa.large_string()).take(take))
+        refs.append(pc.cast(pa.array(batch_refs), pa.large_string()).take(take))
         if batch_labels is not None:
-            values = pa.array(batch_labels)
+            values = pa.array(batch_labels) if isinstance(batch_labels, list) else batch_labels
             seen.update(v for v in pc.unique(values).to_pylist() if v is not None)
             labels.append(values.take(take))
         listed += len(batch_refs)

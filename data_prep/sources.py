@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Literal
 
 import fsspec
+import pyarrow as pa
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
@@ -177,12 +178,12 @@ def list_source(src: str, labels: str = "auto") -> Listing:
 
 @dataclass(frozen=True)
 class StreamedListing:
-    """A listing read in batches: `batches` yields (refs, labels) with labels as class names, ints or
-    None per item, or None for an unlabelled batch; `class_names` are fixed by the source (a datasets
-    ClassLabel), else () and the classes are the names (or 0..max of the ints) seen."""
+    """A listing read in batches: `batches` yields (refs, labels), lists or Arrow arrays, with labels as
+    class names, ints or None per item, or None for an unlabelled batch; `class_names` are fixed by the
+    source (a datasets ClassLabel), else () and the classes are the names (or 0..max of the ints) seen."""
 
     spec: SourceSpec
-    batches: Iterator[tuple[list[str], list | None]]
+    batches: Iterator[tuple[list[str] | pa.Array, list | pa.Array | None]]
     class_names: tuple[str, ...] = ()
 
 

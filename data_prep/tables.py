@@ -158,15 +158,16 @@ def _file_batches(table: Table, file: str, columns: list[str]) -> Iterator[pa.Re
                 yield batch.select(columns)
         else:
             options = pcsv.ParseOptions(delimiter="\t" if table.fmt == "tsv" else ",")
-            convert = pcsv.ConvertOptions(
-                include_columns=columns, column_types=dict.fromkeys(columns, pa.string())
-            )
+            # paths stay text ("001.jpg" is no number); a label column keeps its inferred int or text type
+            types = {} if table.embedded else {table.ref_column: pa.string()}
+            convert = pcsv.ConvertOptions(include_columns=columns, column_types=types)
             yield from pcsv.open_csv(f, parse_options=options, convert_options=convert)
 
 
-def stream_rows(table: Table) -> Iterator[tuple[list[str], list[object] | None]]:
-    """(refs, labels) per row batch, in table order. Refs are the path/URL column, or for embedded images
-    `file-number:row` (the bytes stay in the table until a worker reads its shard)."""
+def stream_rows(table: Table) -> Iterator[tuple[list[str] | pa.Array, pa.Array | None]]:
+    """(refs, labels) per row batch, in table order, as Arrow arrays (no Python object per row). Refs
+    are the path/URL column, or for embedded images `file-number:row` (the bytes stay in the table until
+    a worker reads its shard)."""
     columns = [table.label_column] if table.label_column else []
     if not table.embedded:
         columns = [table.ref_column, *columns]
@@ -174,12 +175,11 @@ def stream_rows(table: Table) -> Iterator[tuple[list[str], list[object] | None]]
         row = 0
         for batch in _file_batches(table, file, columns or [table.ref_column]):
             if table.embedded:
-                refs = [f"{number}:{r}" for r in range(row, row + batch.num_rows)]
+                refs: list[str] | pa.Array = [f"{number}:{r}" for r in range(row, row + batch.num_rows)]
             else:
-                refs = batch.column(table.ref_column).to_pylist()
+                refs = batch.column(table.ref_column)
             row += batch.num_rows
-            labels = batch.column(table.label_column).to_pylist() if table.label_column else None
-            yield refs, labels
+            yield refs, batch.column(table.label_column) if table.label_column else None
 
 
 class TableReader:

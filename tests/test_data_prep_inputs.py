@@ -140,3 +140,16 @@ def test_progress_lines_off_a_terminal(sample_dir: Path, tmp_path: Path) -> None
     lines = [line for line in done.stderr.splitlines() if line.startswith("data_prep shard: ")]
     assert lines and all("images/s" in line and "rejected" in line and "ETA" in line for line in lines)
     assert "\r" not in done.stderr  # no bar redraws in a log
+
+
+def test_integer_labels_in_a_csv_stay_integers(val_images: list[tuple[Path, str]], tmp_path: Path) -> None:
+    """A label column of ints 0..11 gives classes "0".."11" with label i = class i (not text order, where
+    "10" would sort before "2")."""
+    rows = val_images[:120]
+    table = pa.table({"path": [str(p) for p, _ in rows], "label": [i % 12 for i in range(len(rows))]})
+    pcsv.write_csv(table, tmp_path / "list.csv")
+    assert (
+        main(["shard", str(tmp_path / "list.csv"), str(tmp_path / "out"), "--samples-per-shard", "60"]) == 0
+    )
+    assert read_manifest(str(tmp_path / "out"))["classes"] == [str(i) for i in range(12)]
+    assert samples(tmp_path / "out") == {str(p): (p.read_bytes(), i % 12) for i, (p, _) in enumerate(rows)}
