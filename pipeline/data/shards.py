@@ -17,6 +17,8 @@ import fsspec
 import numpy as np
 
 import data_prep.manifest
+import data_prep.shardspec
+import data_prep.sources
 from pipeline.schema import ConfigError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -149,11 +151,11 @@ def load_shard_set(spec: str, split: str | None = "train") -> ShardSet:
     (their `split`s concatenated), or WebDataset tars with their `.idx` beside them: one `.tar`, a brace
     pattern (`shards-{000000..000099}.tar`) or a comma-separated list. `split` None: the manifest's only
     split (tars given directly form one split, whatever its name)."""
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    parts = [p.strip() for p in re.split(r",(?![^{]*\})", spec) if p.strip()]  # commas outside braces
     if not parts:
         raise ConfigError("a shard location is empty; name a folder/URL holding manifest.json or .tar files")
     if all(_is_tar_spec(p) for p in parts):
-        return _tar_shard_set(spec, parts, split or "train")
+        return _tar_shard_set(spec, split or "train")
     if any(_is_tar_spec(p) for p in parts):
         raise ConfigError(f"{spec} mixes manifest folders and .tar files; give one kind")
     sets = [_manifest_shard_set(p, split) for p in parts]
@@ -221,20 +223,12 @@ def _is_tar_spec(part: str) -> bool:
     return part.rstrip("/").endswith(".tar")
 
 
-def expand_braces(pattern: str) -> list[str]:
-    """`a-{000..002}.tar` -> [`a-000.tar`, `a-001.tar`, `a-002.tar`] (zero padding kept), no listing."""
-    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if match is None:
-        return [pattern]
-    lo, hi = match.group(1), match.group(2)
-    width = len(lo) if lo.startswith("0") else 0
-    head, tail = pattern[: match.start()], pattern[match.end() :]
-    return [u for n in range(int(lo), int(hi) + 1) for u in expand_braces(f"{head}{n:0{width}d}{tail}")]
-
-
-def _tar_shard_set(spec: str, parts: list[str], split: str) -> ShardSet:
+def _tar_shard_set(spec: str, split: str) -> ShardSet:
     """Tars named directly: counts from each `.idx` header (one small read per tar), no labels."""
-    urls = [u for p in parts for u in expand_braces(p)]
+    try:
+        urls = data_prep.shardspec.expand_shard_spec(spec)
+    except data_prep.sources.SourceError as e:
+        raise ConfigError(str(e)) from e
     index_urls = [u.removesuffix(".tar") + ".idx" for u in urls]
     sizes = []
     for url, index_url in zip(urls, index_urls, strict=True):
