@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pipeline.data.config import DataConfig
+from pipeline.data.recipes import RECIPES
 from pipeline.engine.config import CheckpointConfig, LoggingConfig, TrainConfig, deepspeed_stage
 from pipeline.eval.config import EvalConfig
-from pipeline.methods.config import METHOD_CONFIGS, MethodConfig
+from pipeline.methods.config import METHOD_CONFIGS, MethodConfig, SwAVConfig
 from pipeline.models.config import ModelConfig
 from pipeline.optim.config import OptimConfig
 from pipeline.schema import (
@@ -31,7 +32,16 @@ from pipeline.schema import (
     unknown,
 )
 
-__all__ = ["Config", "ConfigError", "RunConfig", "check_combinations", "from_dict", "load", "to_dict"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "RunConfig",
+    "check_combinations",
+    "check_launch",
+    "from_dict",
+    "load",
+    "to_dict",
+]
 
 
 @dataclass(frozen=True)
@@ -122,3 +132,54 @@ def check_combinations(cfg: Config) -> None:
             )
     if cfg.eval.every_epochs and cfg.data.val_shards is None:
         raise ConfigError("eval.every_epochs > 0 needs data.val_shards (labelled held-out shards for kNN)")
+    check_views(cfg)
+    if cfg.data.dtype == "float16" and cfg.train.precision == "fp32":
+        raise ConfigError(_FLOAT16)
+    check_launch(cfg, world_size=1, device_type=None)
+
+
+_FLOAT16 = (
+    "data.dtype=float16 feeds half-precision views to a model that runs in fp32 or CPU autocast; it needs a "
+    "GPU with train.precision=auto or bf16; set data.dtype=float32"
+)
+
+
+def check_views(cfg: Config) -> None:
+    """Every method trains on at least two global crops, which it tells apart from the local crops after
+    them by their size (pipeline.methods.views.split_crops); SwAV's queue takes exactly two."""
+    recipe = RECIPES[cfg.data.recipe]  # a known name: DataConfig resolved its views
+    n_global = recipe.global_crops if cfg.data.global_crops is None else cfg.data.global_crops
+    n_local = recipe.local_crops if cfg.data.local_crops is None else cfg.data.local_crops
+    name = cfg.method.name
+    if n_global < 2:
+        raise ConfigError(
+            f"data.global_crops={n_global}: method.name={name} trains on two global crops or more; "
+            "set data.global_crops=2 (or null for the recipe's)"
+        )
+    if n_local and cfg.data.local_image_size == cfg.data.image_size:
+        raise ConfigError(
+            f"data.local_image_size={cfg.data.local_image_size} equals data.image_size: method.name={name} "
+            "tells local crops from global ones by their size; choose a different data.local_image_size"
+        )
+    if isinstance(cfg.method, SwAVConfig) and cfg.method.queue_size and n_global != 2:
+        raise ConfigError(
+            f"method.queue_size={cfg.method.queue_size}: the SwAV queue holds two global crops, "
+            f"data.global_crops is {n_global}; set data.global_crops=2 or method.queue_size=0"
+        )
+
+
+def check_launch(cfg: Config, world_size: int, device_type: str | None) -> None:
+    """What needs the number of processes and the device: checked by every rank once launched (and with
+    one process at load), before the run folder or a checkpoint is written."""
+    method = cfg.method
+    if isinstance(method, SwAVConfig) and method.queue_size:
+        rows = cfg.data.batch_size * (world_size if method.gather else 1)  # one enqueue per micro-batch
+        if method.queue_size % rows:
+            ranks = f" x {world_size} processes" if method.gather and world_size > 1 else ""
+            raise ConfigError(
+                f"method.queue_size={method.queue_size} must be a multiple of the global batch {rows} "
+                f"(data.batch_size={cfg.data.batch_size}{ranks}); choose a multiple of {rows}, or "
+                "method.queue_size=0"
+            )
+    if cfg.data.dtype == "float16" and device_type == "cpu":
+        raise ConfigError(_FLOAT16)

@@ -56,7 +56,7 @@ class CheckpointError(RuntimeError):
     the path and the way out; the commands exit 2."""
 
 
-def _oserror_line(e: Exception) -> str:
+def oserror_line(e: Exception) -> str:
     name = errno.errorcode.get(e.errno, "") if getattr(e, "errno", None) else ""
     return f"{name}: {e.strerror}" if name and e.strerror else f"{type(e).__name__}: {e}".splitlines()[0]
 
@@ -73,6 +73,8 @@ class CheckpointStore:
         self.keep_last = keep_last
         self.fs, self._path = fsspec.core.url_to_fs(self.root)
         self.local = is_local(self.root)
+        # called before each commit: the run's lease on this root (pipeline.engine.runlock), on rank 0
+        self.before_commit: Callable[[], None] | None = None
 
     def complete_steps(self) -> list[int]:
         """Steps with a complete checkpoint, oldest first."""
@@ -85,7 +87,7 @@ class CheckpointStore:
             if self.local and not isinstance(e, OSError):
                 raise
             raise CheckpointError(
-                f"cannot list checkpoints in {self.root} ({_oserror_line(e)}); check the store and its "
+                f"cannot list checkpoints in {self.root} ({oserror_line(e)}); check the store and its "
                 "credentials, or set checkpoint.dir elsewhere"
             ) from None
         steps = []
@@ -131,7 +133,7 @@ class CheckpointStore:
             self.fs.pipe_file(probe, b"probe")
             self.fs.rm_file(probe)
         except Exception as e:  # OSError locally; botocore / aiohttp errors from object stores
-            line = _oserror_line(e)
+            line = oserror_line(e)
             raise CheckpointError(
                 f"checkpoint.dir {self.root} is not writable ({line}); fix its permissions or credentials, "
                 "or set checkpoint.dir to a writable location"
@@ -153,6 +155,17 @@ class CheckpointStore:
     def commit(self, step: int, staging: str, state: dict[str, Any] | None) -> str:
         """Make the staged folder the checkpoint for `step` (writing `state` last) and prune old ones."""
         final = _join(self.root, step_name(step))
+        if self.before_commit is not None:
+            try:
+                self.before_commit()
+            except Exception as e:  # the lease taken over (CheckpointError), or the store unreachable
+                shutil.rmtree(staging, ignore_errors=True)
+                if isinstance(e, CheckpointError):
+                    raise
+                raise CheckpointError(
+                    f"cannot renew this run's lease on {self.root} before writing {final} "
+                    f"({oserror_line(e)}); check the store, then resume (checkpoint.resume=auto)"
+                ) from None
         try:
             data = _to_bytes(state) if state is not None else None
             if self.local:
@@ -176,7 +189,7 @@ class CheckpointStore:
                 raise
             shutil.rmtree(staging, ignore_errors=True)
             raise CheckpointError(
-                f"cannot write checkpoint {final}: {_oserror_line(e)}; free space or point checkpoint.dir "
+                f"cannot write checkpoint {final}: {oserror_line(e)}; free space or point checkpoint.dir "
                 "elsewhere, then resume (checkpoint.resume=auto)"
             ) from None
         self.prune()
@@ -196,7 +209,7 @@ class CheckpointStore:
         try:
             staging.mkdir(parents=True)
         except OSError as e:
-            raise CheckpointError(f"cannot write checkpoint under {self.root}: {_oserror_line(e)}") from None
+            raise CheckpointError(f"cannot write checkpoint under {self.root}: {oserror_line(e)}") from None
         if extra is not None:
             extra(staging)
         return self.commit(step, str(staging), state)

@@ -55,6 +55,7 @@ class WandbConfig:
     tags: tuple[str, ...] = ()
     group: str | None = None
     mode: Literal["online", "offline", "disabled"] = "offline"  # online falls back to offline without a key
+    log_checkpoints: bool = False  # the run's last checkpoint as a W&B model artifact (s3://: a reference)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,22 @@ def deepspeed_stage(path: str) -> int:
         raise ConfigError(f"train.deepspeed_config: cannot read {path}: {e.strerror}") from e
     except json.JSONDecodeError as e:
         raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON: {e}") from e
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2):
-        raise ConfigError(f"train.deepspeed_config: ZeRO stage {stage} in {path}; supported: 0, 1, 2")
+    if not isinstance(ds, dict):
+        raise ConfigError(
+            f"train.deepspeed_config: {path} holds a JSON {type(ds).__name__}, not an object of DeepSpeed "
+            "settings; see configs/deepspeed/zero1.json"
+        )
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(
+            f"train.deepspeed_config: zero_optimization in {path} is {json.dumps(zero)}, not an object; "
+            'write {"stage": 0|1|2} as in configs/deepspeed/zero1.json'
+        )
+    stage = zero.get("stage", 0)
+    # JSON's true is Python's True == 1 and "1" is a string: only the integers themselves are stages
+    if type(stage) is not int or stage not in (0, 1, 2):
+        raise ConfigError(
+            f"train.deepspeed_config: zero_optimization.stage in {path} is {json.dumps(stage)}; "
+            "supported: the integers 0, 1, 2"
+        )
     return stage

@@ -9,8 +9,8 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.engine.checkpoint import CheckpointError, CheckpointStore
-from pipeline.engine.runlock import RunFolderBusy, RunLock
+from pipeline.engine.checkpoint import CheckpointError, CheckpointStore, oserror_line
+from pipeline.engine.runlock import LOCK_FILE, CheckpointLease, RunFolderBusy, RunLock
 from pipeline.schema import ConfigError
 
 # One checkpoint holds the weights (and buffers) plus up to two optimizer moments per weight (AdamW).
@@ -38,9 +38,38 @@ def lock_run_folder(run_dir: str, is_main: bool, world_size: int) -> RunLock:
             error = e
         except OSError as e:
             reason = e.strerror or str(e)
-            error = ConfigError(f"run.output_dir {run_dir} is not writable ({reason}); choose a writable one")
+            if e.filename is not None and Path(e.filename).name == LOCK_FILE:
+                error = ConfigError(
+                    f"run.output_dir {run_dir}: its lock file {e.filename} cannot be opened or locked "
+                    f"({reason}); remove or repair it (rm -r, chattr -i), or choose another run.output_dir"
+                )
+            else:
+                reason = f"run.output_dir {run_dir} is not writable ({reason})"
+                error = ConfigError(f"{reason}; choose a writable one")
     agree(error, world_size)
     return lock
+
+
+def lease_checkpoint_dir(
+    store: CheckpointStore, run_dir: str, is_main: bool, world_size: int
+) -> CheckpointLease | None:
+    """Rank 0 takes the checkpoint root's lease for this run folder and verifies it before each commit;
+    a root leased by another live run (or unwritable) refuses the run before anything is written there."""
+    lease, error = None, None
+    if is_main:
+        lease = CheckpointLease(store.root, str(Path(run_dir).resolve()))
+        try:
+            lease.acquire()
+            store.before_commit = lease.verify
+        except RunFolderBusy as e:
+            error = e
+        except Exception as e:  # OSError locally; botocore / aiohttp errors from object stores
+            error = CheckpointError(
+                f"checkpoint.dir {store.root} is not writable ({oserror_line(e)}); fix its permissions or "
+                "credentials, or set checkpoint.dir to a writable location"
+            )
+    agree(error, world_size)
+    return lease
 
 
 def checkpoint_bytes(module: nn.Module) -> int:

@@ -125,3 +125,19 @@ def check_not_past_end(step: int, last_step: int, cfg: Config, step_dir: str) ->
             f"(train.epochs={cfg.train.epochs}, train.max_steps={cfg.train.max_steps}); raise train.epochs "
             "or train.max_steps, or start a new run in a new run.output_dir"
         )
+
+
+def resumed_line(step_dir: str, saved: dict[str, Any], step: int, last_step: int) -> str:
+    """Rank 0's line on resuming: from where, and why the run before stopped; a run that had already
+    reached this config's last step says so (it exits 0 having nothing to do) instead of calling that
+    end a crash."""
+    from pipeline.engine.preemption import resume_reason
+
+    if step == last_step:
+        return (
+            f"resumed from {step_dir} at step {step}: the run is finished (step {step} is its last step); "
+            "nothing to do: raise train.max_steps or train.epochs to train longer"
+        )
+    if step == saved.get("config", {}).get("train", {}).get("max_steps"):
+        return f"resumed from {step_dir} at step {step} (the run before reached its train.max_steps)"
+    return f"resumed from {step_dir} at step {step} ({resume_reason(saved)})"

@@ -29,15 +29,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.config import Config, to_dict
+from pipeline.config import Config, check_launch, to_dict
 from pipeline.data.contract import TrainLoader, memory_format
 from pipeline.engine.checkpoint import CheckpointStore
 from pipeline.engine.checkpointer import Checkpointer, checkpoint_root, find_resume
 from pipeline.engine.health import BadStepGuard
 from pipeline.engine.logger import RunLogger, StepLog, Throughput
-from pipeline.engine.preemption import PEER_SIGNAL, StopRequest, resume_reason
-from pipeline.engine.preflight import check_checkpoint_dir, lock_run_folder, write_run_config
-from pipeline.engine.resume import check_not_past_end, config_changes, resume_point
+from pipeline.engine.preemption import PEER_SIGNAL, StopRequest
+from pipeline.engine.preflight import (
+    check_checkpoint_dir,
+    lease_checkpoint_dir,
+    lock_run_folder,
+    write_run_config,
+)
+from pipeline.engine.resume import check_not_past_end, config_changes, resume_point, resumed_line
 from pipeline.engine.state import TrainState
 
 if TYPE_CHECKING:
@@ -319,13 +324,22 @@ def train(cfg: Config, announce: Callable[[Trainer], None] | None = None) -> Tra
     from pipeline.distributed import init_from_env
 
     env = init_from_env(cfg.train.collective_timeout_s)
+    check_launch(cfg, env.world_size, env.device.type)  # what needs the world size and device
     lock = lock_run_folder(cfg.run.output_dir, env.rank == 0, env.world_size)
+    lease = None
     try:
+        store = CheckpointStore(checkpoint_root(cfg), keep_last=cfg.checkpoint.keep_last)
+        lease = lease_checkpoint_dir(store, cfg.run.output_dir, env.rank == 0, env.world_size)
+        found = find_resume(cfg, store, warn=env.rank == 0)
+        if found is not None:  # a fixed key changed (the engine, the model): refused before building
+            config_changes(found[1]["config"], cfg, found[0])
         trainer = Trainer.build(cfg, env)
         if announce is not None and env.rank == 0:
             announce(trainer)
-        return trainer.fit()
+        return trainer.fit(store, found)
     finally:
+        if lease is not None:
+            lease.release()
         lock.release()
 
 
@@ -374,13 +388,12 @@ class Trainer:
         ctx = StepContext(device, precision, fmt, budget.grad_accum_steps, world_size, budget.total_steps)
         return cls(cfg, env, loader, budget, engine, schedule, ctx)
 
-    def fit(self) -> TrainResult:
-        """Resume, then optimizer steps until the last one or a stop signal: each step logged and offered
-        to the checkpointer, each finished epoch closed by `end_epoch`."""
+    def fit(self, store: CheckpointStore, found: tuple[str, dict[str, Any]] | None) -> TrainResult:
+        """Resume from `found` (`find_resume`'s), then optimizer steps until the last one or a stop signal:
+        each step logged and offered to the checkpointer, each finished epoch closed by `end_epoch`."""
         cfg = self.cfg
-        store = CheckpointStore(checkpoint_root(cfg), keep_last=cfg.checkpoint.keep_last)
         state = TrainState(self.loader, self.env.rank, self.env.world_size)
-        resumed_from = self.resume(state, store)
+        resumed_from = self.resume(state, found)
         budget, progress, config = self.budget, state.progress, to_dict(cfg)
         check_checkpoint_dir(store, self.engine.module, self.env.world_size)
         if self.is_main:
@@ -453,11 +466,10 @@ class Trainer:
         values = self.schedule.apply(self.engine.optimizer, at)
         return values, train_step(self.engine, batches, self.ctx, at, stop_requested)
 
-    def resume(self, state: TrainState, store: CheckpointStore) -> str | None:
+    def resume(self, state: TrainState, found: tuple[str, dict[str, Any]] | None) -> str | None:
         """From the checkpoint `checkpoint.resume` names, if any, once its config is checked against this
         one (pipeline.engine.resume): `state`, the model and the optimizer. Returns the step folder."""
         cfg, budget = self.cfg, self.budget
-        found = find_resume(cfg, store, warn=self.is_main)
         if found is None:
             return None
         step_dir, saved = found
@@ -477,7 +489,7 @@ class Trainer:
         if self.is_main:
             for change in changes:
                 print(f"resume: {change}", flush=True)
-            print(f"resumed from {step_dir} at step {progress.step} ({resume_reason(saved)})", flush=True)
+            print(resumed_line(step_dir, saved, progress.step, self.budget.last_step), flush=True)
         return step_dir
 
     def build_checkpointer(

@@ -139,7 +139,7 @@ class DINOConfig(MethodConfig):
     clip_grad: each parameter's gradient norm is clipped to it (null: off)."""
 
     name: str = "dino"
-    out_dim: Annotated[int, Bound(ge=1)] = 65536
+    out_dim: Annotated[int, Bound(ge=2)] = 65536  # a softmax over one logit is 1: the loss would be 0
     norm_last_layer: bool = True
     student_temp: Positive = 0.1
     teacher_temp: Positive = 0.04
@@ -166,7 +166,7 @@ class SwAVConfig(MethodConfig):
     times steps per epoch: 15 epochs on ImageNet), and joins Sinkhorn once full."""
 
     name: str = "swav"
-    num_prototypes: Annotated[int, Bound(ge=1)] = 3000
+    num_prototypes: Annotated[int, Bound(ge=2)] = 3000  # one prototype: every code is 1, the loss 0
     temperature: Positive = 0.1
     epsilon: Positive = 0.05
     sinkhorn_iterations: Annotated[int, Bound(ge=1)] = 3

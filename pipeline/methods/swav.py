@@ -80,11 +80,13 @@ class SwAV(ProjectedEncoder):
             raise ValueError(f"method.queue_size: the SwAV queue takes two global crops, got {len(z)}")
         rows = [all_gather_no_grad(x) if self.cfg.gather else x for x in z]  # 2 x (W B, D)
         n = rows[0].shape[0]
-        if self.cfg.queue_size % n:
+        if self.cfg.queue_size % n:  # refused at load and at launch (pipeline.config.check_launch)
             raise ValueError(
                 f"method.queue_size={self.cfg.queue_size} must be a multiple of the global batch {n}"
             )
         start = int(self.queue_ptr)
+        if start + n > self.cfg.queue_size:  # the global batch changed on resume: go on from the top
+            start = 0
         for g, x in enumerate(rows):
             self.queue[g, start : start + n] = x.to(self.queue.dtype)
         self.queue_ptr.fill_((start + n) % self.cfg.queue_size)
