@@ -68,7 +68,7 @@ def run(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     argv = ["--config", str(ROOT / "configs" / "debug.yaml"), f"data.train_shards={shards}"]
     argv += [f"data.val_shards={shards}", f"run.output_dir={out}", "logging.progress_bar=false"]
     argv += ["logging.wandb.mode=offline", "train.max_steps=null", "eval.every_epochs=1", "eval.k=10"]
-    argv += ["eval.embed_map=true", "run.name=wbtest"]
+    argv += ["eval.embed_map=true", "run.name=wbtest", "logging.wandb.log_checkpoints=true"]
     assert main(argv) == 0
     common = ["--checkpoint", str(out), "--batch-size", "250"]
     assert eval_main(["knn", *common, "--k", "10"]) == 0
@@ -100,6 +100,19 @@ def test_training_run_has_groups_step_axis_max_summary_job_type_and_group(run: P
     assert any(r.get("val/embedding_map/_type") == "image-file" for r in rows)
     metrics_rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert "loss" in metrics_rows[0] and "train/loss" not in metrics_rows[0]  # metrics.jsonl stays flat
+
+
+def test_the_last_checkpoint_is_a_model_artifact_when_asked(run: Path) -> None:
+    artifacts = [r.artifact for _, kind, r in wandb_records(run) if kind == "artifact"]
+    assert len(artifacts) == 1
+    (artifact,) = artifacts
+    assert artifact.type == "model" and artifact.name == f"checkpoint-{artifact.run_id}"
+    assert set(artifact.aliases) == {"latest", "step-00000006"}
+    assert json.loads(artifact.metadata) == {"step": 6}
+    files = {entry.path for entry in artifact.manifest.contents}
+    assert "state.pt" in files and files == {
+        p.name for p in (run / "checkpoints" / "step-00000006").iterdir()
+    }
 
 
 def test_pipeline_eval_logs_into_the_training_run_at_its_step(run: Path) -> None:

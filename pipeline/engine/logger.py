@@ -118,6 +118,7 @@ class RunLogger:
     ) -> None:
         self.enabled = enabled
         self.every_steps, self.last_step, self.device = cfg.logging.every_steps, last_step, device
+        self.log_checkpoints = cfg.logging.wandb.log_checkpoints
         self.wandb_run = None
         self.bar = None
         if not enabled:
@@ -200,6 +201,25 @@ class RunLogger:
             import wandb
 
             self.wandb_run.log({STEP_METRIC: step, wandb_key(key): wandb.Image(str(path))}, step=step)
+
+    def log_checkpoint(self, step_dir: str | None) -> None:
+        """The run's last checkpoint as a W&B `model` artifact when `logging.wandb.log_checkpoints`: the
+        files of a local folder, a reference (not a copy) for `s3://`. Aliases `latest` and its step."""
+        if not (self.enabled and self.wandb_run is not None and self.log_checkpoints and step_dir):
+            return
+        import wandb
+
+        from pipeline.engine.checkpoint import is_local
+
+        name = step_dir.rstrip("/").rsplit("/", 1)[-1]  # step-00000042
+        artifact = wandb.Artifact(
+            f"checkpoint-{self.wandb_run.id}", type="model", metadata={"step": int(name.rsplit("-", 1)[-1])}
+        )
+        if is_local(step_dir):
+            artifact.add_dir(step_dir.removeprefix("file://"))
+        else:
+            artifact.add_reference(step_dir)
+        self.wandb_run.log_artifact(artifact, aliases=["latest", name])
 
     def progress(self, step: int, **postfix: float) -> None:
         if self.bar is not None:

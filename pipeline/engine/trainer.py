@@ -437,6 +437,7 @@ class Trainer:
                 if state.stopped_by is None and budget.epoch_done(progress.batches_in_epoch):
                     self.end_epoch(state, logger, checkpointer, bad_streak=guard.in_a_row > 0)
             checkpointer.save(progress.step, bad_streak=guard.in_a_row > 0, last_step=True)
+            logger.log_checkpoint(checkpointer.last)  # to W&B, when logging.wandb.log_checkpoints
         finally:
             stop.uninstall()
             logger.close()
