@@ -1,4 +1,5 @@
-"""`python -m pipeline.train --config FILE [dotted.key=value ...]` — pretrain one model.
+"""`python -m pipeline.train --config FILE [--config FILE ...] [--print-config] [dotted.key=value ...]`
+— pretrain one model. Several config files merge in order (pipeline.schema.compose), then the overrides.
 
 The same command runs under `torchrun` (it reads RANK/WORLD_SIZE/LOCAL_RANK; world size 1 without them).
 The config is validated before anything starts: a mistake is one line naming the key, exit code 2.
