@@ -58,6 +58,8 @@ class WindowReader:
         self, part: RankPart, ranges: Iterator[tuple[int, int]], *, epoch: int, tag: tuple
     ) -> Iterator[list[SampleRef]]:
         """One list of SampleRefs per (lo, hi) position range of `part`, windows fetched ahead."""
+        for key in [k for k in self._windows if k not in self._last_use and k[: len(tag)] != tag]:
+            self._drop(key)  # read ahead by an earlier pass that stopped before using it
         for lo, hi in ranges:
             first, last = lo // part.window, (hi - 1) // part.window
             for w in range(first, min(last + self.read_ahead, part.num_windows - 1) + 1):
@@ -100,7 +102,12 @@ class WindowReader:
     def _release_done(self) -> None:
         for key in [k for k, used in self._last_use.items() if self._handed_out - used > self.lag]:
             del self._last_use[key]
-            future = self._windows.pop(key)
+            self._drop(key)
+
+    def _drop(self, key: tuple) -> None:
+        """Forget a window and delete its staged files."""
+        future = self._windows.pop(key)
+        if future.exception() is None:
             for path in {ref.path for ref in future.result().values()}:
                 if self._stage is not None and path.startswith(self._stage):
                     os.unlink(path)
