@@ -168,7 +168,7 @@ def _match_keys(ours: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) 
 
 def export_backbone(checkpoint: str, fmt: str) -> tuple[nn.Module, dict[str, Any]]:
     """(the stock model holding the checkpoint's backbone weights, metadata with the rebuild recipe)."""
-    from pipeline.engine.checkpoint import find_step_dir
+    from pipeline.engine.checkpoint import find_state
     from pipeline.eval.features import load_backbone
 
     backbone = load_backbone(checkpoint)
@@ -178,7 +178,7 @@ def export_backbone(checkpoint: str, fmt: str) -> tuple[nn.Module, dict[str, Any
     model = stock_model(cfg.model, fmt, preprocessing)
     ours = {k: v.detach().cpu().clone() for k, v in backbone.module.state_dict().items()}
     model.load_state_dict(_match_keys(ours, model.state_dict()))
-    step_dir = find_step_dir(checkpoint)
+    step_dir, _ = find_state(checkpoint, warn=lambda _: None)  # the step load_backbone fell back to, if any
     meta = {
         "format": fmt,
         "backbone": cfg.model.backbone,
