@@ -140,7 +140,7 @@ class RunLogger:
                     entity=wb.entity,
                     name=wb.name or cfg.run.name,
                     tags=list(wb.tags),
-                    group=wb.group or cfg.run.name,  # restarts and its eval runs together
+                    group=wb.group or cfg.run.name,  # one per job, however many nodes
                     job_type="pretrain",
                     mode=mode,
                     id=run_id,
