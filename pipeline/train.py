@@ -31,22 +31,21 @@ EXAMPLES = """examples:
 """
 
 
-# What a chosen backend or engine needs beyond `pip install .`: (needed, module, extra, the way out).
-EXTRAS = (
-    ("data.backend=dali", "nvidia.dali", "dali", "data.backend=torch"),
-    ("train.engine=deepspeed", "deepspeed", "deepspeed", "train.engine=ddp"),
-)
-
-
 def missing_extra(cfg: Any) -> str | None:
-    """The one-line refusal when the config picks DALI or DeepSpeed and it is not installed (found without
-    importing it: a config check stays cheap)."""
-    chosen = {
-        "data.backend=dali": cfg.data.backend == "dali",
-        "train.engine=deepspeed": cfg.train.engine == "deepspeed",
-    }
-    for key, module, extra, way_out in EXTRAS:
-        if chosen[key] and not _installed(module):
+    """The one-line refusal when the config picks DALI or DeepSpeed, extras of `pip install .`, and it is
+    not installed (looked up without importing it: the check stays cheap)."""
+    needs = (  # (chosen, key, module, extra, the way out)
+        (cfg.data.backend == "dali", "data.backend=dali", "nvidia.dali", "dali", "data.backend=torch"),
+        (
+            cfg.train.engine == "deepspeed",
+            "train.engine=deepspeed",
+            "deepspeed",
+            "deepspeed",
+            "train.engine=ddp",
+        ),
+    )
+    for chosen, key, module, extra, way_out in needs:
+        if chosen and not _installed(module):
             return f"{key} needs {module}, which is not installed: pip install '.[{extra}]', or use {way_out}"
     return None
 
