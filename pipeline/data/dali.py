@@ -99,7 +99,7 @@ def build_pipeline(
     channels_last: bool,
     checkpoint: bytes | None = None,
 ):
-    """The DALI pipeline over `source` (each call: one batch of encoded images and their labels, or
+    """The built DALI pipeline over `source` (each call: one batch of encoded images and their labels, or
     StopIteration at the epoch's end); outputs: one batch per view (NHWC when `channels_last`, else
     NCHW), then the labels."""
     import nvidia.dali.fn as fn
@@ -130,7 +130,7 @@ def build_pipeline(
 
     with warnings.catch_warnings():  # our position, not DALI, restores the source: see DaliLoader
         warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline with external source")
-        return graph(
+        pipe = graph(
             batch_size=cfg.batch_size,
             num_threads=max(1, cfg.num_workers),
             device_id=device_id,
@@ -139,6 +139,8 @@ def build_pipeline(
             enable_checkpointing=True,
             checkpoint=checkpoint,
         )
+        pipe.build()
+    return pipe
 
 
 def _is_device_error(e: RuntimeError) -> bool:
@@ -215,7 +217,6 @@ class DaliLoader:
                 channels_last=self.channels_last,
                 checkpoint=self._checkpoint,
             )
-            self._pipe.build()
         return self._pipe
 
     def __iter__(self) -> Iterator[Batch]:
