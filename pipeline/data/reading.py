@@ -25,7 +25,7 @@ import fsspec
 import numpy as np
 
 from pipeline.data.contract import Position
-from pipeline.data.sampling import RankPart, batches_per_epoch, epoch_part, stored_order
+from pipeline.data.sampling import RankPart, batches_per_epoch, epoch_part, piece_ids, stored_order
 from pipeline.data.shards import SampleRef, ShardIndex, ShardSet, UnreadableShards, load_shard_set
 
 RANGE_BYTES = 16 << 20  # one ranged GET: object stores recommend 8-16 MB
@@ -93,7 +93,7 @@ class WindowReader:
                 weakref.finalize(
                     self, ThreadPoolExecutor.shutdown, self._pool, wait=False, cancel_futures=True
                 )
-            ids = np.sort(_piece_ids(part.window_pieces(w)))
+            ids = np.sort(piece_ids(part.window_pieces(w)))
             self._windows[key] = self._pool.submit(self._resolve, key, ids)
 
     def _result(self, key: tuple) -> dict[int, SampleRef]:
@@ -198,11 +198,6 @@ def reader_lag(cfg) -> int:
 def _remove_stage(path: str, owner: int) -> None:
     if os.getpid() == owner:  # never from a forked worker
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _piece_ids(pieces: list) -> np.ndarray:
-    runs = [np.arange(p[0], p[1]) if isinstance(p, tuple) else p for p in pieces]
-    return np.concatenate(runs).astype(np.int64)
 
 
 def _with_epoch(ref: SampleRef, epoch: int) -> SampleRef:

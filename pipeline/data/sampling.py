@@ -38,22 +38,26 @@ def _length(piece: Piece) -> int:
     return piece[1] - piece[0] if isinstance(piece, tuple) else len(piece)
 
 
-def _ids(pieces: list[Piece]) -> np.ndarray:
+def piece_ids(pieces: list[Piece]) -> np.ndarray:
+    """The sample ids `pieces` spell, in order."""
     runs = [np.arange(p[0], p[1]) if isinstance(p, tuple) else p for p in pieces]
     return np.concatenate(runs).astype(np.int64) if runs else np.zeros(0, np.int64)
 
 
-def take(pieces: list[Piece], lo: int, hi: int) -> list[Piece]:
-    """Positions [lo, hi) of the sequence `pieces` spell, as pieces (runs stay runs)."""
-    out, at = [], 0
-    for piece in pieces:
-        n = _length(piece)
-        a, b = max(lo - at, 0), min(hi - at, n)
-        if a < b:
-            out.append((piece[0] + a, piece[0] + b) if isinstance(piece, tuple) else piece[a:b])
-        at += n
+def take(pieces: list[Piece], lo: int, hi: int, ends: np.ndarray | None = None) -> list[Piece]:
+    """Positions [lo, hi) of the sequence `pieces` spell, as pieces (runs stay runs); `ends`, the
+    pieces' cumulative lengths, makes it O(log pieces + pieces taken)."""
+    if ends is None:
+        ends = np.cumsum([_length(p) for p in pieces])
+    out = []
+    for k in range(int(np.searchsorted(ends, lo, side="right")), len(pieces)):
+        piece = pieces[k]
+        at = int(ends[k]) - _length(piece)
         if at >= hi:
             break
+        a, b = max(lo - at, 0), min(hi - at, _length(piece))
+        if a < b:
+            out.append((piece[0] + a, piece[0] + b) if isinstance(piece, tuple) else piece[a:b])
     return out
 
 
@@ -80,6 +84,7 @@ class RankPart:
         total = sum(_length(p) for p in sequence)
         lo, hi = rank * total // world_size, (rank + 1) * total // world_size
         self.pieces, self.size, self.window, self.key = take(sequence, lo, hi), hi - lo, window, [*key, rank]
+        self._ends = np.cumsum([_length(p) for p in self.pieces])
         self.shuffle = shuffle
         self._cached: tuple[int, np.ndarray] | None = None
 
@@ -88,12 +93,12 @@ class RankPart:
         return -(-self.size // self.window)
 
     def window_pieces(self, w: int) -> list[Piece]:
-        return take(self.pieces, w * self.window, min(self.size, (w + 1) * self.window))
+        return take(self.pieces, w * self.window, min(self.size, (w + 1) * self.window), self._ends)
 
     def window_ids(self, w: int) -> np.ndarray:
         """Window w's sample ids in their shuffled order."""
         if self._cached is None or self._cached[0] != w:
-            ids = _ids(self.window_pieces(w))
+            ids = piece_ids(self.window_pieces(w))
             if self.shuffle:
                 ids = ids[np.random.default_rng([*self.key, w]).permutation(len(ids))]
             self._cached = (w, ids)
@@ -114,7 +119,7 @@ class RankPart:
         if w >= self.num_windows:
             return []
         head = self.window_ids(w)[consumed - w * self.window :]
-        return ([head] if len(head) else []) + take(self.pieces, (w + 1) * self.window, self.size)
+        return ([head] if len(head) else []) + take(self.pieces, (w + 1) * self.window, self.size, self._ends)
 
 
 def epoch_part(
