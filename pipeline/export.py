@@ -198,7 +198,7 @@ def export_backbone(checkpoint: str, fmt: str) -> tuple[nn.Module, dict[str, Any
 
 def check_out(out: Path, fmt: str) -> None:
     """Refuse an --out that would overwrite a folder, create missing folders or not be writable."""
-    if not out.parent.is_dir():
+    if not out.parent.exists():  # a file in its place fails the write probe below
         raise ExportRefused(
             f"--out {out}: the folder {out.parent} does not exist; create it or choose another"
         )

@@ -162,6 +162,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact(
     capsys.readouterr()
 
     exported = tmp_path / "export" / "backbone.pt"
+    exported.parent.mkdir()  # export creates no folders (tests/test_export_hub.py)
     assert export_main(["--checkpoint", str(out), "--format", "timm", "--out", str(exported)]) == 0
     assert "checkpoint step-00000004 is damaged" in capsys.readouterr().err and exported.exists()
     assert _train_here([*common, "train.max_steps=6"]) == 0
@@ -289,4 +290,4 @@ def test_eval_and_export_refuse_an_unwritable_out_before_any_work(tmp_path: Path
     assert eval_main(["knn", "--checkpoint", missing, "--out", str(blocker / "eval")]) == 2
     assert f"--out {blocker / 'eval'} is not writable (Not a directory)" in _last_err_line(capsys)
     assert export_main(["--checkpoint", missing, "--out", str(blocker / "r.pt")]) == 2
-    assert f"--out {blocker / 'r.pt'} is not writable (File exists)" in _last_err_line(capsys)
+    assert f"--out {blocker / 'r.pt'} is not writable (Not a directory)" in _last_err_line(capsys)
