@@ -89,6 +89,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _parse(data: bytes) -> dict[str, Any] | None:
+    """A lease's JSON; anything else (an empty or foreign file) counts as none and is overwritten."""
+    try:
+        lease = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return lease if isinstance(lease, dict) else None
+
+
 class CheckpointLease:
     """Rank 0's claim on a checkpoint root (a local path or fsspec URL) for the run in `holder`."""
 
@@ -107,12 +116,9 @@ class CheckpointLease:
         """The lease as stored, or None; an unreadable one counts as none (it is rewritten)."""
         self.fs.invalidate_cache()
         try:
-            lease = json.loads(self.fs.cat_file(self.path))
+            return _parse(self.fs.cat_file(self.path))
         except FileNotFoundError:
             return None
-        except (ValueError, UnicodeDecodeError):
-            return None
-        return lease if isinstance(lease, dict) else None
 
     def stale(self, lease: dict[str, Any]) -> bool:
         """Expired, or held by a process of this host that is gone."""
@@ -123,20 +129,30 @@ class CheckpointLease:
     def acquire(self, settle_s: float = 0.5) -> CheckpointLease:
         """Take the lease or raise RunFolderBusy naming its holder; OSError/store errors if unwritable.
 
-        Object stores have no compare-and-swap for everyone: write, wait `settle_s`, read back; of two runs
-        starting together the one whose write landed last keeps it, and the other finds it taken."""
-        current = self.read()
-        if current is not None and current.get("holder") != self.holder and not self.stale(current):
-            raise self._busy(current)
+        Locally the check and the write happen under a POSIX lock on the lease file. Object stores have
+        no lock for everyone: write, wait `settle_s`, read back; of two runs starting together the one
+        whose write landed last keeps it, and the other finds it taken."""
+        local = is_local(self.root)
         folder = self.path.rsplit("/", 1)[0]
-        if is_local(self.root) and not self.fs.exists(folder):  # object stores have no folders
+        if local and not self.fs.exists(folder):  # object stores have no folders
             self.fs.makedirs(folder)
             self._made = folder  # removed again if the run leaves it empty (a refusal before any step)
-        self._write()
-        time.sleep(settle_s)
-        current = self.read()
-        if current is None or not self._mine(current):
-            raise self._busy(current or {})
+        if local:  # through one descriptor: closing any other would drop this process's lock
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX)  # held for one read and one write: milliseconds
+                self._check(_parse(os.pread(fd, 1 << 16, 0)))
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, self._payload(), 0)
+            finally:
+                os.close(fd)
+        else:
+            self._check(self.read())
+            self._write()
+            time.sleep(settle_s)
+            current = self.read()
+            if current is None or not self._mine(current):
+                raise self._busy(current or {})
         self._thread = threading.Thread(target=self._heartbeat, name="checkpoint-lease", daemon=True)
         self._thread.start()
         return self
@@ -170,8 +186,15 @@ class CheckpointLease:
     def _mine(self, lease: dict[str, Any]) -> bool:
         return all(lease.get(k) == v for k, v in self.me.items())
 
+    def _check(self, current: dict[str, Any] | None) -> None:
+        if current is not None and current.get("holder") != self.holder and not self.stale(current):
+            raise self._busy(current)
+
+    def _payload(self) -> bytes:
+        return json.dumps({**self.me, "expires": time.time() + self.ttl_s}).encode()
+
     def _write(self) -> None:
-        self.fs.pipe_file(self.path, json.dumps({**self.me, "expires": time.time() + self.ttl_s}).encode())
+        self.fs.pipe_file(self.path, self._payload())
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(RENEW_EVERY_S):
