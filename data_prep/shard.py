@@ -120,7 +120,7 @@ class Items:
     """This part's items, compact: 10 M refs take ~10 M x (length + 8) bytes, not a Python object each."""
 
     spec: SourceSpec
-    refs: pa.LargeStringArray  # in listing order
+    refs: pa.ChunkedArray  # strings, in listing order
     labels: np.ndarray  # int32 class index per item; -1: unlabelled
     classes: list[str]
     listed: int  # items in the whole listing, every part's
@@ -149,13 +149,13 @@ def collect(listing: StreamedListing, part: Part) -> Items:
     for batch_refs, batch_labels in listing.batches:
         first = (part.index - listed) % part.count
         take = pa.array(np.arange(first, len(batch_refs), part.count))
-        refs.append(pc.cast(pa.array(batch_refs), pa.large_string()).take(take))
+        refs.append(pc.cast(pa.array(batch_refs), pa.string()).take(take))
         if batch_labels is not None:
             values = pa.array(batch_labels) if isinstance(batch_labels, list) else batch_labels
             seen.update(v for v in pc.unique(values).to_pylist() if v is not None)
             labels.append(values.take(take))
         listed += len(batch_refs)
-    all_refs = pa.concat_arrays(refs) if refs else pa.array([], pa.large_string())
+    all_refs = pa.chunked_array(refs, pa.string())  # chunks as read: concatenating would double the peak
     classes = _class_list(seen, listing.class_names)
     index = np.full(len(all_refs), -1, np.int32)
     if labels:
