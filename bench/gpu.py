@@ -17,10 +17,15 @@ Runs each check below, prints one JSON object per check as it finishes and a tab
   step-cifar-torch  the same, data.backend=torch
   loader-dali     bench loader, DALI, two 224 px views            goal: >= 20,000 images/s
   loader-torch    bench loader, the torch backend (resident and streamed), two 224 px views: same goal
+  tta             (only when named) CIFAR-10 time to accuracy: SimCLR CIFAR ResNet-18, lightly's protocol
+                  (batch 512), resident shards on the torch backend, as many epochs as fit `--budget-s`
+                  of training (measured by a short `bench step` first), then weighted kNN top-1
+                  (k=200, T=0.1) on the test split        goal: >= 84.8% (lightly's 200 epochs)
 
 Without CUDA the bf16 rows run on the CPU (CPU autocast) and the rest say "skipped: no CUDA"; rows that
 need DALI or DeepSpeed say "skipped: X not installed" where it is missing. The data is generated:
-synthetic JPEGs sharded with `data_prep` into `--work` (nothing to download or copy).
+synthetic JPEGs sharded with `data_prep` into `--work` (nothing to download or copy), except `tta`'s:
+CIFAR-10's archives from `--cifar10` (the layout of ../shared/data/cifar10), sharded into `--work` once.
 """
 
 from __future__ import annotations
@@ -45,10 +50,15 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = """examples:
   python -m bench gpu                          # every check (meant to fit 8 minutes on one H100)
   python -m bench gpu --checks bf16-ddp bf16-deepspeed compile
+  python -m bench gpu --checks tta --cifar10 ../shared/data/cifar10   # alone: 7 minutes of training
+  python -m bench gpu --checks tta --cifar10 DIR --budget-s 20 --limit 500 --calibration-steps 3 \
+      --tta-set model.backbone=tiny data.batch_size=64          # the code path, on a CPU too
 """
 DEBUG_CONFIG = str(ROOT / "configs" / "debug.yaml")
 LOSS_GOAL_BYTES, LOSS_GOAL_TIME = 2 * 2**30, 1.3
 STEP_GOAL, LOADER_GOAL = 0.9, 20_000
+TTA_GOAL = 0.848  # lightly's SimCLR kNN top-1 after 200 epochs (87 minutes on an A6000)
+TTA_CONFIG = str(ROOT / "configs" / "cifar10_simclr.yaml")
 
 
 class Skip(Exception):
@@ -397,6 +407,93 @@ def _check_loader(backend: str) -> Callable[[argparse.Namespace], tuple[str, dic
     return check
 
 
+class GoalMissed(AssertionError):
+    """A check that ran through but missed its goal: a failed row that keeps its figures."""
+
+    def __init__(self, detail: str, figures: dict) -> None:
+        super().__init__(detail)
+        self.figures = figures
+
+
+def cifar10_shards(archives: Path, work: Path, limit: int | None) -> tuple[Path, Path]:
+    """(train, test) shards of CIFAR-10 from its class-folder archives (train-*.tar, test.tar, members
+    `train/<class>/NNNN.jpg`), sharded once into `work`; `limit`: that many images per split, an equal
+    share of each class."""
+    out = work / f"cifar10-{limit or 'all'}"
+    splits = {"train": sorted(archives.glob("train-*.tar")), "test": [archives / "test.tar"]}
+    if not splits["train"] or not splits["test"][0].exists():
+        raise Skip(f"no CIFAR-10 archives (train-*.tar, test.tar) in {archives}: pass --cifar10 DIR")
+    from data_prep.__main__ import main as data_prep_main
+
+    for split, tars in splits.items():
+        if (out / split / "manifest.json").exists():
+            continue
+        src = out / "src"
+        by_class: dict[str, list[tuple[Path, tarfile.TarInfo]]] = {}
+        for tar_path in tars:
+            with tarfile.open(tar_path) as tar:
+                for member in tar.getmembers():
+                    if member.isfile():
+                        by_class.setdefault(Path(member.name).parent.name, []).append((tar_path, member))
+        per_class = None if limit is None else max(1, limit // len(by_class))
+        for tar_path in tars:
+            with tarfile.open(tar_path) as tar:
+                wanted = [m for members in by_class.values() for t, m in members[:per_class] if t == tar_path]
+                tar.extractall(src, members=wanted, filter="data")
+        argv = ["shard", str(src / split), str(out / split), "--labels", "auto",
+                "--samples-per-shard", "5000", "--workers", str(min(8, os.cpu_count() or 1))]  # fmt: skip
+        if data_prep_main(argv) != 0:
+            raise RuntimeError(f"data_prep shard failed for {src / split}")
+    return out / "train", out / "test"
+
+
+def check_tta(args: argparse.Namespace) -> tuple[str, dict]:
+    """Time to accuracy on CIFAR-10: a calibration (`bench step`, 20 steps) sets the epochs that fit
+    `--budget-s`, the cosine schedule spans exactly those, and the run's last epoch ends with the online
+    kNN on the test split. Figures: images/s (the run's logged rate), epochs, kNN top-1, seconds."""
+    if args.cifar10 is None:
+        raise Skip("no CIFAR-10: pass --cifar10 DIR (e.g. ../shared/data/cifar10)")
+    train, test = cifar10_shards(args.cifar10, args.work, args.limit)
+    common = [f"data.train_shards={train}", f"data.val_shards={test}", "data.backend=torch",
+              "data.source=resident", f"data.num_workers={min(8, os.cpu_count() or 1)}",
+              "eval.embed_map=false", "logging.wandb.mode=disabled", "logging.progress_bar=false",
+              *args.tta_set]  # fmt: skip
+    steps = str(args.calibration_steps)
+    calibration = ["-m", "bench", "step", "--config", TTA_CONFIG, "--steps", steps, "--warmup", "2",
+                   *common, f"run.output_dir={args.work / 'tta-calibration'}"]  # fmt: skip
+    proc = _python(*calibration, timeout=600)
+    rows = _json_lines(proc.stdout)
+    if proc.returncode != 0 or not rows:
+        raise AssertionError(f"bench step exited {proc.returncode}: {proc.stderr[-2000:]}")
+    rate = rows[-1]["pipeline_images_per_s"]
+    train_images = json.loads((train / "manifest.json").read_text())["splits"]["train"]
+    samples = sum(s["samples"] for s in train_images["shards"])
+    epochs = max(1, int(args.budget_s * rate / samples))
+    out = args.work / "tta-run"
+    shutil.rmtree(out, ignore_errors=True)
+    run = ["-m", "pipeline.train", "--config", TTA_CONFIG, *common, f"run.output_dir={out}",
+           f"train.epochs={epochs}", f"eval.every_epochs={epochs}", "checkpoint.every_steps=null",
+           "checkpoint.resume=none"]  # fmt: skip
+    start = time.perf_counter()
+    proc = _python(*run, timeout=max(600, 3 * args.budget_s))
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise AssertionError(f"pipeline.train exited {proc.returncode}: {proc.stderr[-3000:]}")
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    speeds = [r["images_per_s"] for r in metrics if "images_per_s" in r]
+    knn = [r["knn_top1"] for r in metrics if "knn_top1" in r]
+    if not knn or not speeds:
+        raise AssertionError(f"the run logged no kNN top-1 or no images/s: {metrics[-2:]}")
+    figures = {"images_per_s": round(sum(speeds) / len(speeds), 1), "epochs": epochs,
+               "knn_top1": knn[-1], "train_wall_s": round(seconds, 1), "budget_s": args.budget_s,
+               "calibrated_images_per_s": rate, "train_images": samples}  # fmt: skip
+    detail = (f"{epochs} epochs of {samples} images in {seconds:.0f} s (process wall, start-up and the "
+              f"kNN included), {figures['images_per_s']:.0f} images/s, kNN top-1 {knn[-1]:.2%}")  # fmt: skip
+    if knn[-1] < TTA_GOAL:
+        raise GoalMissed(f"{detail}; goal >= {TTA_GOAL:.1%}", figures)
+    return detail, figures
+
+
 CHECKS: dict[str, Callable[[argparse.Namespace], tuple[str, dict]]] = {
     "pytest-gpu": check_pytest_gpu,
     "bf16-ddp": _check_bf16("ddp"),
@@ -412,7 +509,9 @@ CHECKS: dict[str, Callable[[argparse.Namespace], tuple[str, dict]]] = {
     "step-cifar-torch": _check_step("cifar", "torch"),
     "loader-dali": _check_loader("dali"),
     "loader-torch": _check_loader("torch"),
+    "tta": check_tta,
 }
+ONLY_WHEN_NAMED = {"tta"}  # minutes of training on real data: run it alone, on purpose
 
 
 def run_check(name: str, args: argparse.Namespace) -> Row:
@@ -423,7 +522,7 @@ def run_check(name: str, args: argparse.Namespace) -> Row:
     except Skip as e:
         status, detail, figures = "skipped", f"skipped: {e}", {}
     except Exception as e:  # a failed check is a row, and the next check still runs
-        status, detail, figures = "fail", f"{type(e).__name__}: {e}", {}
+        status, detail, figures = "fail", f"{type(e).__name__}: {e}", getattr(e, "figures", {})
     return Row(name, status, detail, round(time.perf_counter() - start, 2), figures)
 
 
@@ -434,10 +533,18 @@ def main(argv: list[str] | None = None) -> int:
         epilog=__doc__.split("\n\n", 1)[1] + "\n" + EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--checks", nargs="+", choices=list(CHECKS), default=list(CHECKS))
+    default = [c for c in CHECKS if c not in ONLY_WHEN_NAMED]
+    parser.add_argument("--checks", nargs="+", choices=list(CHECKS), default=default)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-gpu"), help="generated data, runs")
     parser.add_argument(
         "--data-root", type=Path, default=None, help="real images for loader-dali (default: generated)"
+    )
+    parser.add_argument("--cifar10", type=Path, default=None, help="tta: CIFAR-10's train-*.tar, test.tar")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="tta: seconds of training")
+    parser.add_argument("--limit", type=int, default=None, help="tta: images per split (default: all)")
+    parser.add_argument("--calibration-steps", type=int, default=20, help="tta: steps timed by bench step")
+    parser.add_argument(
+        "--tta-set", nargs="*", default=[], metavar="KEY=VALUE", help="tta: config overrides (a tiny model)"
     )
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """`python -m bench step`: training images/s fed by the real pipeline vs. the synthetic ceiling.
 
 In one process and one run, the trainer's own step (`Trainer.build` from the config and its overrides,
-then `Trainer.step`: the schedule and `train_step` with its host syncs and hooks): (1) on
+then `Trainer.step`: the schedule and `train_step` with its hooks, no host read): (1) on
 device-resident random batches of the loader's shapes (the ceiling: no decode, no augmentation, no
 host-to-device copy), then (2) fed by shards -> loader of any `data.backend`. Each is timed over
 `--steps` steps after `--warmup` untimed ones. Prints one JSON object with both rates and their ratio.
