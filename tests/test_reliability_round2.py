@@ -74,29 +74,37 @@ def test_decode_gives_uint8_rgb_for_every_bit_depth_and_mode():
 
 @pytest.fixture(scope="module")
 def odd_pngs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One class of PNGs written with PIL: a uniform 0x8000 16-bit grey first, a 1-bit checkerboard, an
-    8-bit RGB one; sharded by data_prep."""
-    from conftest import shard_folder
-
+    """One class of PNGs written with PIL: a uniform 0x8000 16-bit grey, a 1-bit checkerboard, an 8-bit
+    RGB one."""
     src = tmp_path_factory.mktemp("odd_src")
     (src / "a").mkdir()
     Image.fromarray(np.full((20, 24), 0x8000, dtype=np.uint16)).save(src / "a" / "0_grey16.png")
     Image.fromarray((np.indices((20, 24)).sum(0) % 2).astype(bool)).save(src / "a" / "1_bits.png")
     Image.new("RGB", (24, 20), (10, 200, 30)).save(src / "a" / "2_rgb.png")
-    return shard_folder(src, tmp_path_factory.mktemp("odd_shards"), samples_per_shard=8)
+    return src
 
 
-def test_16bit_and_1bit_pngs_reach_the_torch_backend_as_uint8(odd_pngs: Path):
-    """The resident decode (the torch backend's) of data_prep's shards: the 16-bit grey is 128
-    everywhere, the 1-bit image 0/255, and the batch stays uint8 (was: uint16, ~257x too bright)."""
+@pytest.mark.parametrize("resize", [None, 10])
+def test_16bit_and_1bit_pngs_reach_the_torch_backend_as_uint8(
+    resize: int | None, odd_pngs: Path, tmp_path: Path
+):
+    """data_prep stores them (as they are, or re-encoded by --resize-short) and the resident decode of
+    the torch backend reads the 16-bit grey as 128 everywhere and the 1-bit image as 0/255, in a uint8
+    batch (was: uint16, and the grey's low byte, 0, once cast)."""
+    from data_prep.__main__ import main as data_prep_main
     from pipeline.data.resident import decode_resident
     from pipeline.data.shards import load_shard_set
 
-    shards = load_shard_set(str(odd_pngs), "train")
+    argv = ["shard", str(odd_pngs), str(tmp_path / "shards"), "--labels", "auto", "--workers", "1"]
+    assert data_prep_main([*argv, *(["--resize-short", str(resize)] if resize else [])]) == 0
+    shards = load_shard_set(str(tmp_path / "shards"), "train")
     resident = decode_resident(shards, device=torch.device("cpu"), budget_bytes=2**20, num_workers=0)
-    assert resident.images.dtype == torch.uint8 and resident.images.shape == (3, 3, 20, 24)
-    values = {tuple(image.unique().tolist()) for image in resident.images}
-    assert values == {(128,), (0, 255), (10, 30, 200)}  # the grey, the 1-bit, the RGB one
+    h, w = (20, 24) if resize is None else (10, 12)
+    assert resident.images.dtype == torch.uint8 and resident.images.shape == (3, 3, h, w)
+    values = [set(image.unique().tolist()) for image in resident.images]
+    assert {128} in values and {10, 30, 200} in values  # the grey, the RGB one
+    if resize is None:  # resampled, the checkerboard holds greys too
+        assert {0, 255} in values
 
 
 # ------------------------------------------------------------------ 4. the resident budget, before allocating
