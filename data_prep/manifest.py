@@ -53,15 +53,21 @@ def shard_folder(url: str) -> str:
     return url.rstrip("/").removesuffix(MANIFEST_NAME).rstrip("/") or "/"
 
 
+def resolve(folder: str, name: str) -> str:
+    """A manifest entry's file: a name relative to the manifest's folder, or an absolute path or URL as
+    is (`data_prep index` names the original tars where they lie)."""
+    return name if "://" in name or name.startswith("/") else join(folder, name)
+
+
 def split_shards(url: str, split: str) -> list[str]:
     """Full paths/URLs of `split`'s shards, in manifest order."""
     manifest = read_manifest(url)
     if split not in manifest["splits"]:
         raise KeyError(f"{url}: no split {split!r} (have {sorted(manifest['splits'])})")
-    return [join(shard_folder(url), s["name"]) for s in manifest["splits"][split]["shards"]]
+    return [resolve(shard_folder(url), s["name"]) for s in manifest["splits"][split]["shards"]]
 
 
 def split_indexes(url: str, split: str) -> list[str]:
     """Full paths/URLs of `split`'s DALI `.idx` files, aligned with `split_shards`."""
     manifest = read_manifest(url)
-    return [join(shard_folder(url), s["index"]) for s in manifest["splits"][split]["shards"]]
+    return [resolve(shard_folder(url), s["index"]) for s in manifest["splits"][split]["shards"]]

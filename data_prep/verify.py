@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from data_prep.image import Rejected, check_image
 from data_prep.index import build_index, split_name
-from data_prep.manifest import join, read_manifest, shard_folder
+from data_prep.manifest import read_manifest, resolve, shard_folder
 
 
 class ManifestError(Exception):
@@ -166,11 +166,6 @@ def verify_shard(entry: dict, data: bytes, index_text: str | None, manifest: dic
     return problems
 
 
-def _resolve(folder: str, name: str) -> str:
-    """A manifest entry's file: relative to the manifest's folder, or an absolute path or URL as is."""
-    return name if "://" in name or name.startswith("/") else join(folder, name)
-
-
 def verify(url: str, progress: bool = False) -> Report:
     start = time.perf_counter()
     try:
@@ -185,12 +180,12 @@ def verify(url: str, progress: bool = False) -> Report:
     for entry in tqdm(entries, unit="shard", disable=not progress):
         report.shards += 1
         try:
-            fs, path = url_to_fs(_resolve(folder, entry["name"]))
+            fs, path = url_to_fs(resolve(folder, entry["name"]))
             data = fs.cat_file(path)
         except (FileNotFoundError, OSError) as e:
             report.problems.append(Problem(entry["name"], None, f"unreadable: {type(e).__name__}: {e}"))
             continue
-        fs, index_path = url_to_fs(_resolve(folder, entry["index"]))
+        fs, index_path = url_to_fs(resolve(folder, entry["index"]))
         index_text = fs.cat_file(index_path).decode() if fs.exists(index_path) else None
         report.problems += verify_shard(entry, data, index_text, manifest)
         report.samples += entry["samples"]
