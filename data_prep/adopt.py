@@ -226,11 +226,15 @@ def _classes(records: list[dict], label_key: LabelKey | None, classes: list[str]
     return names or [str(i) for i in range(ints[-1] + 1 if ints else 0)]
 
 
-def _finished(fs: fsspec.AbstractFileSystem, tasks: list[IndexTask]) -> dict[str, dict]:
+def _finished(fs: fsspec.AbstractFileSystem, folder: str, tasks: list[IndexTask]) -> dict[str, dict]:
+    """Records of tars an interrupted run indexed (one listing, not a request per tar) that still match
+    the tar's size, its index's place and the label key."""
+    progress = join(fs._strip_protocol(folder), PROGRESS_DIR)
+    recorded = set(fs.find(progress)) if fs.exists(progress) else set()
     done = {}
     for task in tasks:
         path = fs._strip_protocol(task.record_url)
-        if not fs.exists(path):
+        if path not in recorded:
             continue
         record = json.loads(fs.cat_file(path))
         label_key = task.label_key.manifest() if task.label_key else None
@@ -259,7 +263,7 @@ def index_shards(
     tasks = _plan(urls, sizes, folder, out, label_key)
     fs = _prepare(folder, "" if out else "; the tars' folder is read-only? pass --out DIR")
     fs.invalidate_cache()
-    records = _finished(fs, tasks)
+    records = _finished(fs, folder, tasks)
     todo = [t for t in tasks if t.url not in records]
     bar = Progress("data_prep index", len(todo), "tars", progress_interval_s)
 
