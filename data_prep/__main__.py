@@ -236,9 +236,10 @@ def main(argv: list[str] | None = None) -> int:
             print(summary.line())
             if args.merge:
                 _merge_if_complete(args.out)
-            if summary.images == 0:
-                why = f"all {summary.rejected} images were rejected" if summary.rejected else "no items"
-                print(f"data_prep: wrote nothing: {why}", file=sys.stderr)
+            if summary.images == 0 and summary.rejected:  # a part of more parts than items may be empty
+                print(
+                    f"data_prep: wrote nothing: all {summary.rejected} images were rejected", file=sys.stderr
+                )
                 return 1
             return 0
         if args.command == "index":

@@ -196,3 +196,15 @@ def test_render_prep_refuses_in_one_line(argv: list[str], message: str, capsys) 
     assert k8s_main([*base, *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_more_parts_than_items(sample_dir: Path, tmp_path: Path, capsys) -> None:
+    """A part with no items finishes (exit 0) so that the Job's merge can run; merge counts them all."""
+    src = tmp_path / "three"
+    src.mkdir()
+    for image in sorted((sample_dir / "val" / "cat").iterdir())[:3]:
+        (src / image.name).write_bytes(image.read_bytes())
+    out = tmp_path / "out"
+    for index in range(5):
+        assert main(["shard", str(src), str(out), "--part", f"{index}/5", "--merge"]) == 0
+    assert read_manifest(str(out))["total_samples"] == 3 and "every part finished" in capsys.readouterr().out
