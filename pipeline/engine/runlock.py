@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -27,12 +28,13 @@ from typing import Any
 
 import fsspec
 
-from pipeline.engine.checkpoint import CheckpointError, is_local
+from pipeline.engine.checkpoint import CheckpointError, is_local, oserror_line
 
 LOCK_FILE = ".lock"
 LEASE_FILE = ".lease"
 LEASE_TTL_S = 600.0  # how long a holder that died blocks another run on another host
 RENEW_EVERY_S = 60.0
+RELEASE_WAIT_S = 5.0
 
 
 class RunFolderBusy(RuntimeError):
@@ -170,18 +172,27 @@ class CheckpointLease:
             self._write()
 
     def release(self) -> None:
-        """Stop renewing and delete the lease if it is still ours."""
+        """Stop renewing and delete the lease if it is still ours. Best effort: the run is ending, maybe
+        because the store is unreachable, and a lease left behind only expires."""
         self._stop.set()
         if self._thread is None:
             return
-        self._thread.join()
+        self._thread.join(timeout=RELEASE_WAIT_S)  # a renewal stuck on a lost store
         self._thread = None
-        with self._mutex:
-            current = self.read()
-            if current is not None and self._mine(current):
-                self.fs.rm_file(self.path)
-        if self._made is not None and not os.listdir(self._made):
-            os.rmdir(self._made)
+        try:
+            with self._mutex:
+                current = self.read()
+                if current is not None and self._mine(current):
+                    self.fs.rm_file(self.path)
+            if self._made is not None and not os.listdir(self._made):
+                os.rmdir(self._made)
+        except Exception as e:  # OSError locally; botocore / aiohttp errors from object stores
+            print(
+                f"warning: could not remove the lease {self.root}/{LEASE_FILE} ({oserror_line(e)}); it "
+                f"expires in {self.ttl_s:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _mine(self, lease: dict[str, Any]) -> bool:
         return all(lease.get(k) == v for k, v in self.me.items())
