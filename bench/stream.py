@@ -178,8 +178,8 @@ def count_rank(server: S3Server, cfg: DataConfig, shard_bytes: dict[str, int], r
     proxy.wait_idle()
     proxy.reset()
     s3fs.S3FileSystem.clear_instance_cache()  # cold, as a new process: no cached listing or handle
-    with tempfile.TemporaryDirectory(prefix="bench-stream-idx-") as index_cache:  # DALI's, cold too
-        cfg = replace(cfg, index_cache_dir=index_cache)
+    with tempfile.TemporaryDirectory(prefix="bench-stream-stage-", ignore_cleanup_errors=True) as stage:
+        cfg = replace(cfg, stage_dir=stage)  # each rank its own staging folder, cold
         loader = build_loader(cfg, rank=rank, world_size=world_size, device="cpu")
         samples = 0
         for batch in loader:
@@ -264,7 +264,7 @@ class PeakTreePss:
 
 def run_rank(spec: dict) -> dict:
     """Build rank `spec['rank']`'s loader, take its first batch, then time up to `timed_batches` more."""
-    cfg = DataConfig(**spec["cfg"], index_cache_dir=tempfile.mkdtemp(prefix="bench-stream-idx-"))
+    cfg = DataConfig(**spec["cfg"], stage_dir=tempfile.mkdtemp(prefix="bench-stream-stage-"))
     BACKEND_CLASSES[cfg.backend]()  # imported before the clock starts: start-up is the loader's own
     with open("/proc/self/statm") as f:
         base_rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -280,7 +280,7 @@ def run_rank(spec: dict) -> dict:
         images += batch.views[0].shape[0]
     seconds = time.perf_counter() - start
     del first, batches, loader
-    shutil.rmtree(cfg.index_cache_dir)
+    shutil.rmtree(cfg.stage_dir, ignore_errors=True)
     return {
         "construct_s": round(construct_s, 3),
         "first_batch_s": round(first_batch_s, 3),
