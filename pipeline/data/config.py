@@ -85,7 +85,7 @@ class DataConfig(Section, key="data"):
     # torch backend: keep the decoded split on the device (`resident`), decode each batch (`stream`), or
     # `auto`: resident when its uint8 pixels fit `resident_budget_gib`, streaming otherwise
     source: Literal["auto", "resident", "stream"] = "auto"
-    resident_budget_gib: Annotated[float, Bound(gt=0, le=MAX_BUDGET_GIB)] = 4.0
+    resident_budget_gib: Annotated[float, Bound(gt=0)] = 4.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
@@ -95,3 +95,8 @@ class DataConfig(Section, key="data"):
         if self.source != "auto" and self.backend != "torch":
             raise ConfigError(f"data.source={self.source} needs data.backend=torch (got {self.backend!r})")
         resolve_views(self)  # unknown recipe or per-view lists of the wrong length fail here, at load
+        if self.resident_budget_gib > MAX_BUDGET_GIB:
+            raise ConfigError(
+                f"data.resident_budget_gib must be a size in GiB up to {MAX_BUDGET_GIB:.0f} (a PiB), got "
+                f"{self.resident_budget_gib}"
+            )
