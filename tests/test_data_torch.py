@@ -236,7 +236,8 @@ from pipeline.data.streaming import StreamingSource
 resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 shards, cpu = load_shard_set(sys.argv[1]), torch.device("cpu")
 resident = decode_resident(shards, device=cpu, budget_bytes=2**30, num_workers=2)
-stream = StreamingSource(shards, StoredBatches(shards, 250, lag=10), device=cpu, num_workers=2, prefetch=4, decode_on_device=True)
+batches = StoredBatches(shards, 250, lag=10)
+stream = StreamingSource(shards, batches, device=cpu, num_workers=2, prefetch=4, decode_on_device=True)
 streamed = [(len(images), replaced) for images, _, _, replaced in stream]
 print(len(resident.images), resident.replaced_samples, *map(sum, zip(*streamed, strict=True)))
 """
