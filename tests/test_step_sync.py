@@ -20,7 +20,7 @@ from pipeline.engine.health import BadStepGuard, TrainingDiverged
 from pipeline.engine.preemption import PEER_SIGNAL
 from pipeline.engine.trainer import CHECK_EVERY_STEPS, StepContext, Trainer, build_engine, train_step
 from pipeline.methods import build_method
-from pipeline.optim import OptimConfig, build_optimizer, init_state, skipped_if
+from pipeline.optim import OptimConfig, build_optimizer, init_state, keep_fused, param_groups, skipped_if
 
 from ranks import run_ranks
 
@@ -69,6 +69,29 @@ def test_a_skipped_step_leaves_weights_and_state_bit_identical(name: str) -> Non
         twin.step()
         assert _same(_state(twin, twin_model), _state(optimizer, model)), "an applied step is a plain step"
         assert not _same(before, _state(optimizer, model))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_a_checkpoint_of_an_unfused_optimizer_still_skips(name: str) -> None:
+    """`load_state_dict` takes the groups' flags from the checkpoint: an unfused one (written before the
+    skip moved to the device) would turn `found_inf` off; `keep_fused` turns it back on."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    cfg = OptimConfig(name=name, lr=0.1)
+    unfused = (torch.optim.SGD if name == "sgd" else torch.optim.AdamW)(param_groups(model, 1e-4), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    unfused.step()
+    optimizer = build_optimizer(cfg, model, global_batch_size=256)
+    optimizer.load_state_dict(unfused.state_dict())
+    assert not optimizer.param_groups[0]["fused"]
+    keep_fused(optimizer)
+    before = _state(optimizer, model)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    with skipped_if(optimizer, torch.tensor(True)):
+        optimizer.step()
+    assert _same(before, _state(optimizer, model))
 
 
 def _clone(model: nn.Module) -> nn.Module:

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.engine.checkpoint import CheckpointStore
-from pipeline.optim import init_state, skipped_if
+from pipeline.optim import init_state, keep_fused, skipped_if
 from pipeline.schema import ConfigError
 
 
@@ -89,6 +89,7 @@ class DDPEngine:
     def load(self, step_dir: str, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        keep_fused(self.optimizer)
 
 
 def fp32_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

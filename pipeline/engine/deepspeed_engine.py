@@ -26,7 +26,7 @@ from torch import nn
 from pipeline.engine.checkpoint import MODEL_FILE, CheckpointStore, download, is_local
 from pipeline.engine.config import resolve_deepspeed_config
 from pipeline.engine.ddp import fp32_state_dict
-from pipeline.optim import init_state, skipped_if
+from pipeline.optim import init_state, keep_fused, skipped_if
 
 
 def deepspeed_config(
@@ -137,3 +137,4 @@ class DeepSpeedEngine:
             shutil.rmtree(local.parent, ignore_errors=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {step_dir}")
+        keep_fused(self.optimizer)

@@ -65,6 +65,20 @@ def init_state(optimizer: torch.optim.Optimizer) -> None:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
+def keep_fused(optimizer: torch.optim.Optimizer) -> None:
+    """After `load_state_dict`, which takes the groups' flags from the checkpoint: one written by an
+    unfused SGD or AdamW (before issue 24) would switch the fused kernels, and `found_inf` with them, off.
+    Fused AdamW also wants its step counts on the parameters' device."""
+    if not isinstance(optimizer, torch.optim.SGD | torch.optim.AdamW):
+        return
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
+
+
 @contextlib.contextmanager
 def skipped_if(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> Iterator[None]:
     """Steps taken inside leave weights and state bit-identical where the device flag `skip` is set:
