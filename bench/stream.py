@@ -18,11 +18,12 @@ Three passes, one JSON object per line on stdout:
   that many evenly spaced ranks (0 and W - 1 among them), and the split ratio scales their sum by
   W / ranks counted (a building rank forks its workers: 64 of them take too long on 2 cores).
 - `timing`: rank 0's loader at each W, in a fresh subprocess, once reading s3:// through the proxy at
-  `--latency-ms` and once reading the same shards from local files: images/s after the first batch
-  (up to `--timed-batches` batches), the first batch's time, and memory of the rank: the process's
-  RSS once torch and the backend are imported (`base_rss_mib`), its peak RSS (getrusage), and the
-  peak PSS of the process and its DataLoader workers together (sampled from /proc/PID/smaps_rollup
-  every 50 ms; PSS splits the pages forked workers share, where RSS would count them in each).
+  `--latency-ms` and once reading the same shards from local files: images/s over `--timed-batches`
+  batches after the first (into the next epochs when one epoch has fewer), the first batch's time,
+  and memory of the rank: the process's RSS once torch and the backend are imported (`base_rss_mib`),
+  its peak RSS (getrusage), and the peak PSS of the process and its DataLoader workers together
+  (sampled from /proc/PID/smaps_rollup every 50 ms; PSS splits the pages forked workers share, where
+  RSS would count them in each).
 - `startup`: one rank (rank 0 of 64) in a fresh subprocess on a synthetic local manifest of 1 M and
   10 M samples (`--startup-sizes`): shards of 1,000 samples, every one a hard link to the same real
   1,000-sample tar and `.idx` (no images written per shard), so only the manifest and index names grow
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import os
 import resource
@@ -272,11 +274,11 @@ def run_rank(spec: dict) -> dict:
     start = time.perf_counter()
     loader = build_loader(cfg, rank=spec["rank"], world_size=spec["world_size"])
     construct_s = time.perf_counter() - start
-    batches = iter(loader)
+    batches = (batch for _ in itertools.count() for batch in loader)  # epoch after epoch
     first = next(batches)
     first_batch_s = time.perf_counter() - start - construct_s
     images, start = 0, time.perf_counter()
-    for _, batch in zip(range(spec["timed_batches"]), batches, strict=False):
+    for batch in itertools.islice(batches, spec["timed_batches"]):
         images += batch.views[0].shape[0]
     seconds = time.perf_counter() - start
     del first, batches, loader
