@@ -259,6 +259,28 @@ def test_swav_queue_starts_at_its_step_and_a_resumed_run_starts_it_at_the_same_s
         assert torch.equal(resumed.state_dict()[key], value), key
 
 
+@pytest.mark.slow
+def test_swav_resumed_at_its_queue_start_step_trains_as_an_uninterrupted_run(sample_shards, tmp_path) -> None:
+    """Through the trainer and its checkpoints: stopped after step 2 (the queue's start), resumed to 5."""
+    from pipeline.engine.checkpoint import load_for_eval
+    from pipeline.train import main
+
+    base = [
+        "--config", str(ROOT / "configs" / "debug.yaml"), f"data.train_shards={sample_shards}",
+        "method={name: swav, num_prototypes: 16, queue_size: 32, queue_start_step: 2}",
+        "method.freeze_prototypes_steps=0",
+        "run.deterministic=true", "train.max_steps=5", "logging.progress_bar=false",
+    ]  # fmt: skip
+    assert main([*base, f"run.output_dir={tmp_path / 'whole'}"]) == 0
+    assert main([*base, f"run.output_dir={tmp_path / 'cut'}", "train.max_steps=2"]) == 0
+    assert main([*base, f"run.output_dir={tmp_path / 'cut'}"]) == 0
+    _, whole = load_for_eval(str(tmp_path / "whole" / "checkpoints"))
+    _, cut = load_for_eval(str(tmp_path / "cut" / "checkpoints"))
+    assert (int(whole["queue_ptr"]), bool(whole["queue_full"])) == (16, True)  # steps 2-3 filled it, 4 on
+    for key, value in whole.items():
+        assert torch.equal(cut[key], value), key
+
+
 def test_swav_checkpoint_from_before_the_queue_clock_loads() -> None:
     method, _ = _swav(SwAVConfig(num_prototypes=16, queue_size=16))
     old = {k: v for k, v in method.state_dict().items() if k != "steps_done"}
