@@ -5,7 +5,8 @@ the CPU (DALI's `device_id=None` mode).
 
 Probabilities are applied per sample: colour jitter and greyscale by mask arithmetic on the arguments
 of one `color_twist` (factor = 1 + on * (f - 1); greyscale = saturation 0), blur and solarisation by
-DALI conditionals (`if coin_flip:`), so unselected samples cost nothing. An epoch is `len(loader)`
+per-sample arguments that leave an unselected sample unchanged (a window of 1, a threshold above 255),
+so the batch is never split and merged as DALI conditionals would. An epoch is `len(loader)`
 batches, the same samples in the same order as the cpu and torch backends. Position: ours (it says which
 batch the source gives next), plus DALI's checkpoint of its random-op state (`enable_checkpointing`,
 which accounts for the batches DALI prefetched), restored when the pipeline is rebuilt.
@@ -108,7 +109,7 @@ def build_pipeline(
 
     views = resolve_views(cfg)
 
-    @pipeline_def(enable_conditionals=True)
+    @pipeline_def
     def graph():
         encoded, labels = fn.external_source(
             source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64]
