@@ -48,6 +48,7 @@ def _analytic(method: str, world: int, b: int) -> dict[tuple[str, str], int]:
     }
 
 
+@pytest.mark.slow  # bench comm spawns 2 then 4 fresh interpreters, each importing torch
 def test_recorded_bytes_are_the_analytic_count(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--methods", "simclr", "mocov2", "--worlds", "2", "4", "--batch-sizes", "2", "4", "--warmup", "0"]
     assert main(argv) == 0

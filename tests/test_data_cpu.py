@@ -198,6 +198,7 @@ except OSError as e:
 """
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_running_out_of_file_descriptors_is_an_error_not_damaged_samples(sample_val_shards):
     import subprocess
     import sys

@@ -243,6 +243,7 @@ print(len(resident.images), resident.replaced_samples, *map(sum, zip(*streamed, 
 """
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch, and its loader workers
 def test_decoding_holds_no_file_descriptor_per_image(sample_shards):
     """Each tensor a DataLoader worker returns holds a descriptor; with one per image, 2,000 images
     under a limit of 200 failed ("received 0 items of ancdata"), as 50,000 did on a GPU machine. The

@@ -113,6 +113,7 @@ def test_entrypoint_runs_other_commands_as_given() -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == str(ROOT)
 
 
+@pytest.mark.slow  # torchrun and two trainers, each a fresh interpreter importing torch
 def test_torchrun_sh_trains_with_two_processes(sample_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = subprocess.run(

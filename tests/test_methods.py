@@ -363,6 +363,7 @@ def _checks(r: int, world: int) -> None:
     _check_swav_queue(r)
 
 
+@pytest.mark.slow  # every registered method twice, forward and backward, on each rank
 def test_distributed_method_steps_and_moco_queue_match_one_process() -> None:
     run_ranks(_checks, WORLD)
 

@@ -222,6 +222,7 @@ def test_disk_full_at_save_names_enospc_and_leaves_no_temporary(tmp_path: Path):
         assert store.newest_intact()[1]["w"].shape == (1000,)
 
 
+@pytest.mark.slow  # a second training process
 def test_second_training_into_the_same_run_folder_is_refused_until_the_first_dies(
     sample_shards: Path, sample_val_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
@@ -264,6 +265,7 @@ def test_nan_stop_without_a_checkpoint_says_so_and_metrics_are_strict_json(
     assert rows[-1]["loss"] is None and rows[-1]["bad_steps"] == 2
 
 
+@pytest.mark.slow  # a training process that starts W&B's service
 def test_wandb_online_with_a_bad_key_and_no_network_fails_fast(
     sample_shards: Path, sample_val_shards: Path, tmp_path: Path
 ):

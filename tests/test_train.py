@@ -218,6 +218,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # three runs, one a training process
 def test_exact_resume_after_sigkill(sample_shards: Path, sample_val_shards: Path, tmp_path: Path):
     """SIGKILL after the step-2 checkpoint; the resumed run's per-step losses equal an uninterrupted run's.
     MoCo v2, so the momentum encoder, the queue and its pointer must come back exactly too."""
@@ -250,6 +251,7 @@ def test_exact_resume_after_sigkill(sample_shards: Path, sample_val_shards: Path
         assert abs(expected[step] - got[step]) <= 1e-6, (step, expected[step], got[step])
 
 
+@pytest.mark.slow  # a training process
 def test_sigterm_saves_and_exits_zero(sample_shards: Path, sample_val_shards: Path, tmp_path: Path):
     out = tmp_path / "run"
     extra = ["train.max_steps=1000", "checkpoint.every_steps=null", "logging.wandb.mode=disabled"]
