@@ -21,9 +21,9 @@ Three passes, one JSON object per line on stdout:
   `--latency-ms` and once reading the same shards from local files: images/s over `--timed-batches`
   batches after the first (into the next epochs when one epoch has fewer), the first batch's time,
   and memory of the rank: the process's RSS once torch and the backend are imported (`base_rss_mib`),
-  its peak RSS (getrusage), and the peak PSS of the process and its DataLoader workers together
-  (sampled from /proc/PID/smaps_rollup every 50 ms; PSS splits the pages forked workers share, where
-  RSS would count them in each).
+  its peak RSS (VmHWM; getrusage's maxrss keeps the forking parent's across exec), and the peak PSS
+  of the process and its DataLoader workers together (sampled from /proc/PID/smaps_rollup every
+  50 ms; PSS splits the pages forked workers share, where RSS would count them in each).
 - `startup`: one rank (rank 0 of 64) in a fresh subprocess on a synthetic local manifest of 1 M and
   10 M samples (`--startup-sizes`): shards of 1,000 samples, every one a hard link to the same real
   1,000-sample tar and `.idx` (no images written per shard), so only the manifest and index names grow
@@ -43,7 +43,6 @@ import gc
 import itertools
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -245,6 +244,12 @@ def _tree_pss_bytes(pid: int) -> int:
     return total
 
 
+def _status_kib(field: str) -> int:
+    """A `kB` field of /proc/self/status (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:"))
+
+
 class PeakTreePss:
     """Samples this process tree's PSS every 50 ms until stopped; `.peak` in bytes."""
 
@@ -268,8 +273,7 @@ def run_rank(spec: dict) -> dict:
     """Build rank `spec['rank']`'s loader, take its first batch, then time up to `timed_batches` more."""
     cfg = DataConfig(**spec["cfg"], stage_dir=tempfile.mkdtemp(prefix="bench-stream-stage-"))
     BACKEND_CLASSES[cfg.backend]()  # imported before the clock starts: start-up is the loader's own
-    with open("/proc/self/statm") as f:
-        base_rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    base_rss_kib = _status_kib("VmRSS")
     sampler = PeakTreePss()
     start = time.perf_counter()
     loader = build_loader(cfg, rank=spec["rank"], world_size=spec["world_size"])
@@ -288,8 +292,8 @@ def run_rank(spec: dict) -> dict:
         "first_batch_s": round(first_batch_s, 3),
         "timed_images": images,
         "images_per_s": round(images / seconds, 1) if images else None,
-        "base_rss_mib": round(base_rss / MIB, 1),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "base_rss_mib": round(base_rss_kib / 1024, 1),
+        "peak_rss_mib": round(_status_kib("VmHWM") / 1024, 1),
         "peak_tree_pss_mib": round(sampler.stop() / MIB, 1),
     }
 
