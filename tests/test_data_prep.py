@@ -192,6 +192,7 @@ def worker_pids(parent: int) -> list[int]:
     return pids
 
 
+@pytest.mark.slow  # a data_prep process and its two spawned workers, then four more runs of 200 shards
 def test_killed_worker_then_rerun_is_identical(sample_dir: Path, tmp_path: Path, capsys) -> None:
     src, flags = sample_dir / "train", ("--samples-per-shard", "10")
     out = tmp_path / "interrupted"
