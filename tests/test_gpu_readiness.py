@@ -129,6 +129,9 @@ def test_dali_cuda_error_is_reported_without_a_cpu_redecode(sample_shards: Path,
     loader = build_loader(DataConfig(train_shards=str(sample_shards), backend="dali", batch_size=16))
 
     class FailingPipeline:
+        def reset(self):  # a new epoch of the source
+            pass
+
         def run(self):
             raise RuntimeError("Critical error in pipeline: [decoders] CUDA error 2: out of memory")
 
