@@ -6,10 +6,7 @@ tests/test_data_torch.py; one step of every method under 2 ranks is in tests/tes
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,6 @@ from pipeline.methods.config import DCLConfig, NNCLRConfig, SimSiamConfig, SwAVC
 from pipeline.models import HeadConfig, ModelConfig
 
 from ranks import run_ranks
-from run_outputs import metrics_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(backbone="tiny", projector=HeadConfig(hidden_dim=32, output_dim=16))
@@ -298,73 +294,3 @@ def test_cifar10_configs_load(name: str) -> None:
     assert cfg.method.name == name
     if name != "dcl":  # a predictor regresses (SimSiam) or is contrasted with (NNCLR) the projections
         assert cfg.model.default_predictor().output_dim == cfg.model.projector.output_dim
-
-
-RUNS = {  # name: overrides (DCL weighted: DCLW, the path with one more gather)
-    "nnclr": ["method={name: nnclr, queue_size: 64}"],
-    "simsiam": ["method={name: simsiam}"],
-    "dcl": ["method={name: dcl, weighting: vmf}"],
-}
-# Each method meets each engine once, with the CPU loader under one and DALI's under the other.
-DDP_BACKEND = {"nnclr": "cpu", "simsiam": "dali", "dcl": "cpu"}
-DEEPSPEED_BACKEND = {"nnclr": "dali", "simsiam": "cpu", "dcl": "dali"}
-
-
-def _argv(name: str, backend: str, shards: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--config", str(ROOT / "configs" / "debug.yaml"), f"data.train_shards={shards}",
-        f"run.output_dir={out}", f"data.backend={backend}", "train.max_steps=2", "checkpoint.every_steps=2",
-        "logging.progress_bar=false", "logging.wandb.mode=disabled", *RUNS[name], *extra,
-    ]  # fmt: skip
-
-
-def _check_run(name: str, out: Path) -> None:
-    from pipeline.engine.checkpoint import load_for_eval
-
-    losses = [r["loss"] for r in metrics_rows(out) if "loss" in r]
-    assert len(losses) == 2 and all(math.isfinite(x) for x in losses), (name, losses)
-    cfg, model = load_for_eval(str(out / "checkpoints"))
-    assert cfg.method.name == name and any(k.startswith("backbone.") for k in model)
-
-
-@pytest.mark.slow
-def test_new_methods_train_under_ddp(sample_shards: Path, tmp_path: Path) -> None:
-    from pipeline.train import main
-
-    for name, backend in DDP_BACKEND.items():
-        out = tmp_path / name
-        assert main(_argv(name, backend, sample_shards, out)) == 0, name
-        _check_run(name, out)
-
-
-# DeepSpeed keeps process-wide group state: one subprocess runs every method through the trainer's entry.
-SCRIPT = """
-import sys, json
-from pipeline.config import load
-from pipeline.engine.trainer import train
-for argv in json.loads(sys.argv[1]):
-    train(load(argv[1], argv[2:]))
-"""
-
-
-@pytest.mark.slow
-def test_new_methods_train_under_deepspeed(sample_shards: Path, tmp_path: Path) -> None:
-    engine = [
-        "train.engine=deepspeed",
-        "optim.name=sgd",
-        "train.deepspeed_config=configs/deepspeed/zero1.json",
-    ]
-    runs = [
-        _argv(name, backend, sample_shards, tmp_path / name, *engine)
-        for name, backend in DEEPSPEED_BACKEND.items()
-    ]
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(runs)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    for name in DEEPSPEED_BACKEND:
-        _check_run(name, tmp_path / name)

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 from pipeline.engine.checkpoint import load_for_eval
 
 from run_outputs import metrics_rows, step_rows
+from wandb_records import wandb_records
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -80,32 +80,15 @@ def _step_losses(out: Path) -> dict[int, float]:
 
 
 def _wandb_history(out: Path) -> list[dict]:
-    """History rows of the offline W&B run files, read with wandb's record protobuf (leveldb log format)."""
-    from wandb.proto import wandb_internal_pb2
-
+    """History rows (and the run's id) of the offline W&B run files."""
     rows = []
-    for path in sorted((out / "wandb").glob("offline-run-*/run-*.wandb")):
-        data, pos, block, chunk = path.read_bytes(), 7, 32768, b""
-        while pos + 7 <= len(data):
-            if block - pos % block < 7:  # block trailer padding
-                pos += block - pos % block
-                continue
-            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-            chunk += data[pos + 7 : pos + 7 + length]
-            pos += 7 + length
-            if kind in (1, 4):  # FULL or LAST fragment
-                record = wandb_internal_pb2.Record()
-                record.ParseFromString(chunk)
-                chunk = b""
-                if record.WhichOneof("record_type") == "history":
-                    rows.append(
-                        {
-                            "/".join(i.nested_key) or i.key: json.loads(i.value_json)
-                            for i in record.history.item
-                        }
-                    )
-                elif record.WhichOneof("record_type") == "run":
-                    rows.append({"run_id": record.run.run_id})
+    for _, kind, record in wandb_records(out):
+        if kind == "history":
+            rows.append(
+                {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
+            )
+        elif kind == "run":
+            rows.append({"run_id": record.run.run_id})
     return rows
 
 

@@ -24,15 +24,19 @@ METHODS = {  # name: overrides; multi-crop recipes with two small local crops
     "swav": ["method={name: swav, num_prototypes: 16, queue_size: 32}", "data.recipe=swav", *MULTICROP],
     "triplet": ["method={name: triplet, mining: hard}"],
     "simclr_hard": ["method={name: simclr, negatives: hard, tau_plus: 0.1, beta: 1.0}"],
+    "nnclr": ["method={name: nnclr, queue_size: 64}"],
+    "simsiam": ["method={name: simsiam}"],
+    "dcl": ["method={name: dcl, weighting: vmf}"],  # DCLW: the path with one more gather
 }
 # Each method meets each engine once with each loader.
 DDP_BACKEND = {"dino": "dali", "swav": "cpu", "triplet": "dali", "simclr_hard": "cpu"}
-DEEPSPEED_BACKEND = {"dino": "cpu", "swav": "dali", "triplet": "cpu", "simclr_hard": "dali"}
-ZERO_STAGE = {"dino": 0, "swav": 0, "triplet": 1, "simclr_hard": 1}  # DINO, SwAV edit whole gradients
+DDP_BACKEND |= {"nnclr": "cpu", "simsiam": "dali", "dcl": "cpu"}
+DEEPSPEED_BACKEND = {name: "cpu" if backend == "dali" else "dali" for name, backend in DDP_BACKEND.items()}
+ZERO_STAGE = {"dino": 0, "swav": 0}  # DINO and SwAV edit whole gradients; ZeRO-1 for the rest
 
 
 def _zero(name: str) -> str:
-    return f"configs/deepspeed/zero{ZERO_STAGE[name]}.json"
+    return f"configs/deepspeed/zero{ZERO_STAGE.get(name, 1)}.json"
 
 
 def _argv(name: str, backend: str, shards: Path, out: Path, *extra: str) -> list[str]:

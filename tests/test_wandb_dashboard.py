@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 from pathlib import Path
 
 import pytest
@@ -17,30 +16,9 @@ from pipeline.dashboard import main as dashboard_main
 from pipeline.engine.logger import CUDA_ONLY_KEYS, STEP_METRIC
 from pipeline.eval.__main__ import main as eval_main
 
+from wandb_records import wandb_records
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def wandb_records(out: Path) -> list[tuple[str, str, object]]:
-    """(file, record type, record) of every offline run file under `out`, read with wandb's record
-    protobuf (the leveldb log format: 32 KiB blocks of 7-byte-headed fragments)."""
-    from wandb.proto import wandb_internal_pb2
-
-    records = []
-    for path in sorted((out / "wandb").glob("offline-run-*/run-*.wandb")):
-        data, pos, block, chunk = path.read_bytes(), 7, 32768, b""
-        while pos + 7 <= len(data):
-            if block - pos % block < 7:  # block trailer padding
-                pos += block - pos % block
-                continue
-            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-            chunk += data[pos + 7 : pos + 7 + length]
-            pos += 7 + length
-            if kind in (1, 4):  # FULL or LAST fragment
-                record = wandb_internal_pb2.Record()
-                record.ParseFromString(chunk)
-                chunk = b""
-                records.append((path.parent.name, record.WhichOneof("record_type"), record))
-    return records
 
 
 def _history(records: list) -> list[tuple[str, dict]]:
