@@ -5,7 +5,6 @@ non-terminal gets."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tarfile
@@ -20,26 +19,12 @@ import pytest
 from data_prep.__main__ import main
 from data_prep.manifest import read_manifest
 
+from shard_contents import shard_samples
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 datasets.disable_progress_bars()
-
-
-def samples(out: Path) -> dict[str, tuple[bytes, int | None]]:
-    """{the sample's recorded source path: (image bytes, label)} over every shard of the manifest."""
-    manifest = read_manifest(str(out))
-    got = {}
-    for split in manifest["splits"].values():
-        for entry in split["shards"]:
-            with tarfile.open(out / entry["name"]) as tar:
-                members = {m.name: tar.extractfile(m).read() for m in tar}
-            for name, data in members.items():
-                if name.endswith(".json"):
-                    key = name.removesuffix(".json")
-                    label = members.get(f"{key}.cls")
-                    got[json.loads(data)["path"]] = (members[f"{key}.jpg"], int(label) if label else None)
-    return got
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +58,7 @@ def test_parquet_csv_and_tsv_listings_give_the_folder_run_samples(
         ]
         assert main(argv) == 0, listing
         assert read_manifest(str(out))["classes"] == classes
-        assert samples(out) == want, listing
+        assert shard_samples(out) == want, listing
 
 
 def test_datasets_folder_and_hub_parquet_shards(val_images: list[tuple[Path, str]], tmp_path: Path) -> None:
@@ -100,7 +85,7 @@ def test_datasets_folder_and_hub_parquet_shards(val_images: list[tuple[Path, str
         )
         manifest = read_manifest(str(out))
         assert manifest["classes"] == names and manifest["total_samples"] == 120
-        got = samples(out)
+        got = shard_samples(out)
         assert sorted(got.values()) == sorted(want.items())  # every image once, its label kept
     # rows keep their table order: the first shard holds the table's first 50 rows
     first = read_manifest(str(tmp_path / "hf-out"))["splits"]["train"]["shards"][0]
@@ -152,4 +137,6 @@ def test_integer_labels_in_a_csv_stay_integers(val_images: list[tuple[Path, str]
         main(["shard", str(tmp_path / "list.csv"), str(tmp_path / "out"), "--samples-per-shard", "60"]) == 0
     )
     assert read_manifest(str(tmp_path / "out"))["classes"] == [str(i) for i in range(12)]
-    assert samples(tmp_path / "out") == {str(p): (p.read_bytes(), i % 12) for i, (p, _) in enumerate(rows)}
+    assert shard_samples(tmp_path / "out") == {
+        str(p): (p.read_bytes(), i % 12) for i, (p, _) in enumerate(rows)
+    }

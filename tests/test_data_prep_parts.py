@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -27,21 +26,14 @@ from data_prep.manifest import read_manifest
 from data_prep.parts import Part, PartLock
 from launch.k8s.__main__ import main as k8s_main
 
+from shard_contents import shard_samples
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def sample_set(out: Path) -> set[tuple[str, bytes, int]]:
     """(source path, image bytes, label) of every sample in the manifest's shards."""
-    got = set()
-    for split in read_manifest(str(out))["splits"].values():
-        for entry in split["shards"]:
-            with tarfile.open(out / entry["name"]) as tar:
-                members = {m.name: tar.extractfile(m).read() for m in tar}
-            for name, data in members.items():
-                if name.endswith(".json"):
-                    key = name.removesuffix(".json")
-                    got.add((json.loads(data)["path"], members[f"{key}.jpg"], int(members[f"{key}.cls"])))
-    return got
+    return {(path, image, label) for path, (image, label) in shard_samples(out).items()}
 
 
 @pytest.fixture(scope="module")
