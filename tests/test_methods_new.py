@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_methods import VIT  # LayerNorm only: a rank's forward is independent of the others'
 
 from pipeline.distributed import all_reduce_mean
 from pipeline.losses import dcl, nearest_neighbours, nnclr, simsiam
@@ -168,14 +169,6 @@ def test_each_method_assembles_the_papers_two_view_loss() -> None:
 # ------------------------------------------------------- NNCLR's support set under two gloo processes
 
 WORLD, LOCAL_B, STEPS = 2, 4, 3
-# LayerNorm only (no BN): a rank's forward does not depend on the rest of the batch (tests/test_methods.py).
-VIT = ModelConfig(
-    backbone="vit_tiny",
-    image_size=16,
-    patch_size=8,
-    projector=HeadConfig(hidden_dim=32, output_dim=16, num_layers=2, batch_norm=False),
-    predictor=HeadConfig(hidden_dim=32, output_dim=16, num_layers=2, batch_norm=False),
-)
 NNCLR_SMALL = NNCLRConfig(queue_size=2 * WORLD * LOCAL_B - 4)  # 3 global batches of 8 wrap a ring of 12
 
 
