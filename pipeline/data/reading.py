@@ -49,7 +49,6 @@ class WindowReader:
         self._last_use: dict[tuple, int] = {}  # window -> batch counter when it was last handed out
         self._handed_out = 0
         self._staged = 0  # stage files written: their names never repeat
-        self.fetched_bytes = 0  # staged from remote shards (for benchmarks)
 
     def __getstate__(self) -> dict:
         raise TypeError("a WindowReader stays in the process that started it")
@@ -186,7 +185,6 @@ class WindowReader:
             for data in parts:
                 f.write(data)
         os.replace(target + ".part", target)
-        self.fetched_bytes += sum(len(d) for d in parts)
         return target
 
 

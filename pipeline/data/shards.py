@@ -83,9 +83,6 @@ class ShardSet:
         """(S + 1,) int64: shard s holds sample ids [starts[s], starts[s + 1])."""
         return np.concatenate([[0], np.cumsum(self.shard_sizes, dtype=np.int64)])
 
-    def shard_of(self, sample_id: int) -> int:
-        return int(np.searchsorted(self.starts, sample_id, side="right")) - 1
-
     def is_remote(self, shard: int) -> bool:
         url = self.shard_urls[shard]
         return "://" in url and not url.startswith("file://")
